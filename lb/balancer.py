@@ -1,0 +1,159 @@
+"""The balancer: configuration, backends, policy, listener and counters.
+
+It owns everything that outlives one connection and is what the protocol
+classes call back into for choices and accounting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import Counter
+from typing import TYPE_CHECKING
+
+import h11
+
+from . import accesslog
+from .backend import Backend
+from .client import ClientConnection
+from .config import Config
+from .fdlimit import FdLimit, connection_cap
+from .listener import Listener, open_socket, somaxconn
+from .policy import LeastInFlight, Policy
+from .pool import UpstreamPool
+from .upstream import UpstreamConnection
+
+if TYPE_CHECKING:
+    from .endpoints import Handler
+    from .exchange import Exchange
+
+log = logging.getLogger("lb")
+
+BACKLOG = 65535          # the kernel caps it at net.core.somaxconn
+SWEEP_INTERVAL = 1.0     # how often idle pooled connections are expired
+
+
+class Balancer:
+    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop, fd: FdLimit):
+        self.config = config
+        self.loop = loop
+        self.fd = fd
+        self.policy: Policy = LeastInFlight()
+        limits = config.limits
+        self.backends = [
+            Backend(b, UpstreamPool(
+                loop, b.host, b.port, max_idle=config.pool.max_idle,
+                idle_timeout=config.pool.idle_timeout, connect_timeout=config.timeouts.connect,
+                make_connection=lambda pool: UpstreamConnection(
+                    pool, max_header_bytes=limits.max_header_bytes,
+                    write_buffer_high=limits.write_buffer_high)))
+            for b in config.backends]
+        self.max_connections, self.cap_note = connection_cap(
+            fd.granted, config.pool.max_idle * len(self.backends), limits.max_connections)
+        self.requests_total = 0
+        self.by_status: Counter[int] = Counter()
+        self.started = time.time()
+        self.listener: Listener | None = None
+        self.address: tuple[str, int] | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._access = config.log.access
+
+    # --- life cycle
+
+    def start(self) -> None:
+        listen = self.config.listen
+        sock = open_socket(listen.host, listen.port, BACKLOG)
+        self.address = sock.getsockname()[:2]
+        self.listener = Listener(self.loop, sock, lambda: ClientConnection(self),
+                                 self.max_connections)
+        self.listener.start()
+        self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
+        host, port = self.address
+        shown = f"[{host}]" if ":" in host else host
+        log.info("listening on %s:%d, %d backend(s): %s", shown, port, len(self.backends),
+                 ", ".join(f"{b.name}={b.url}" for b in self.backends))
+        cap = somaxconn()
+        if cap is not None and cap < BACKLOG:
+            log.info("listen backlog capped by net.core.somaxconn at %d", cap)
+
+    def stop(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for backend in self.backends:
+            backend.pool.close_all()
+
+    def _sweep(self) -> None:
+        now = self.loop.time()
+        for backend in self.backends:
+            backend.pool.expire(now)
+        self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
+
+    # --- called by client connections
+
+    def connection_closed(self) -> None:
+        self.listener.connection_closed()
+
+    def local_request(self, client: ClientConnection, request: h11.Request, request_id: str,
+                      handler: "Handler") -> None:
+        """A request for one of the balancer's own endpoints."""
+        started = time.monotonic()
+        if request.method not in (b"GET", b"HEAD"):
+            status, reason = 405, f"{request.target.decode('ascii', 'replace')} takes GET or HEAD"
+            self._count(request, request_id, status, "-", started, reason)
+            client.send_error(status, reason, request_id, extra=[(b"allow", b"GET, HEAD")])
+            return
+        status, content_type, body = handler(self, request)
+        self._count(request, request_id, status, "-", started, "", bytes_out=len(body))
+        client.send_whole(status, content_type, body, request_id,
+                          extra=[(b"cache-control", b"no-store")])
+
+    def reject(self, client: ClientConnection, request: h11.Request | None, request_id: str,
+               status: int, reason: str) -> None:
+        """Refuse a request the balancer will not forward, and close the connection."""
+        self._count(request, request_id, status, "-", time.monotonic(), reason)
+        client.send_error(status, reason, request_id, close=True)
+
+    def request_finished(self, exchange: "Exchange") -> None:
+        backend = exchange.backend.name if exchange.backend is not None else "-"
+        self._count(exchange.request, exchange.request_id, exchange.status, backend,
+                    exchange.started, exchange.note, bytes_in=exchange.bytes_in,
+                    bytes_out=exchange.bytes_out, ttfb=exchange.ttfb)
+
+    def _count(self, request: h11.Request | None, request_id: str, status: int, backend: str,
+               started: float, note: str, *, bytes_in: int = 0, bytes_out: int = 0,
+               ttfb: float | None = None) -> None:
+        self.requests_total += 1
+        self.by_status[status] += 1
+        if self._access:
+            accesslog.logger.info(accesslog.line(
+                request_id=request_id,
+                method=request.method if request is not None else b"-",
+                target=request.target if request is not None else b"-",
+                status=status, backend=backend, bytes_in=bytes_in, bytes_out=bytes_out,
+                ttfb=ttfb, total=time.monotonic() - started, note=note))
+
+    # --- reporting
+
+    def snapshot(self) -> dict:
+        listener = self.listener
+        return {
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started, 3),
+            "policy": self.policy.name,
+            "connections": {
+                "open": listener.open if listener else 0,
+                "max": self.max_connections,
+                "accepted": listener.accepted if listener else 0,
+                "accepting": bool(listener and not listener.paused),
+                "accept_pauses": listener.pauses if listener else 0,
+            },
+            "fd_limit": {"asked": self.fd.asked, "hard": self.fd.hard,
+                         "granted": self.fd.granted},
+            "requests": {"total": self.requests_total,
+                         "by_status": {str(k): v for k, v in sorted(self.by_status.items())}},
+            "backends": [b.snapshot() for b in self.backends],
+        }

@@ -1,0 +1,311 @@
+"""One client connection: an asyncio Protocol driving h11 as a SERVER.
+
+It parses requests, answers the balancer's own endpoints and framing errors
+itself, and hands every other request to an `Exchange`.  Pipelined requests
+are answered in order for free: h11 reports PAUSED after a complete request
+until its response is done, and we stop reading the socket meanwhile.
+
+Timers: a new connection must deliver a request head within
+`timeouts.client_header`; between keep-alive requests the connection may sit
+idle for `timeouts.idle`; once a request is under way the exchange's own
+deadline takes over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from http import HTTPStatus
+from typing import TYPE_CHECKING
+
+import h11
+import orjson
+
+from . import endpoints
+from . import headers as hdr
+from .exchange import Exchange
+from .timer import Deadline
+
+if TYPE_CHECKING:
+    from .balancer import Balancer
+
+# Why client reading is paused (bits, so the reasons do not undo each other).
+_PIPELINE = 1       # a complete request is being answered; later ones wait in h11
+_BACKPRESSURE = 2   # the backend side cannot take more request body yet
+
+_Data = h11.Data
+_Request = h11.Request
+_EndOfMessage = h11.EndOfMessage
+_NEED_DATA = h11.NEED_DATA
+_PAUSED = h11.PAUSED
+_END = h11.EndOfMessage()
+
+
+def _reason(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode("ascii")
+    except ValueError:
+        return b""
+
+
+class ClientConnection(asyncio.Protocol):
+    __slots__ = ("balancer", "h11", "transport", "peer_ip", "exchange", "write_paused",
+                 "_read_block", "_deadline", "_processing", "_closed", "_waiting_head",
+                 "_head_seen", "_head_request", "_local", "_limits", "_timeouts")
+
+    def __init__(self, balancer: "Balancer"):
+        self.balancer = balancer
+        self._limits = balancer.config.limits
+        self._timeouts = balancer.config.timeouts
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self._limits.max_header_bytes)
+        self.transport: asyncio.Transport | None = None
+        self.peer_ip = "-"
+        self.exchange: Exchange | None = None
+        self.write_paused = False
+        self._read_block = 0
+        self._deadline = Deadline(balancer.loop, self._on_deadline)
+        self._processing = False
+        self._closed = False
+        self._waiting_head = True   # between requests (keep-alive idle or head arriving)
+        self._head_seen = True      # bytes of the awaited head have arrived
+        self._head_request = False  # the current request is HEAD: answers carry no body
+        self._local = None          # (request, id, handler) of a built-in endpoint request
+
+    # --- asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+        high = self._limits.write_buffer_high
+        transport.set_write_buffer_limits(high=high, low=high // 4)
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.peer_ip = peer[0]
+        self._deadline.set(self._timeouts.client_header)
+
+    def data_received(self, data: bytes) -> None:
+        if self._closed:
+            return
+        if self._waiting_head and not self._head_seen:
+            # First bytes of a new request on an idle keep-alive connection:
+            # from now on the head must complete within client_header.
+            self._head_seen = True
+            self._deadline.set(self._timeouts.client_header)
+        self.h11.receive_data(data)
+        self._process()
+
+    def eof_received(self) -> bool:
+        # The client may half-close after sending its request and still want
+        # the answer, so keep the transport open for writing; h11 reports
+        # ConnectionClosed once the pending request (if any) is handled.
+        if not self._closed:
+            self.h11.receive_data(b"")
+            self._process()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closed = True
+        self._deadline.cancel()
+        exchange, self.exchange = self.exchange, None
+        if exchange is not None:
+            exchange.client_lost()
+        self.balancer.connection_closed()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        if self.exchange is not None:
+            self.exchange.client_write_paused()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.exchange is not None:
+            self.exchange.client_write_resumed()
+
+    # --- request parsing
+
+    def _process(self) -> None:
+        if self._processing:
+            return  # re-entered from a response completing; the outer loop continues
+        self._processing = True
+        try:
+            h = self.h11
+            while not self._closed:
+                try:
+                    event = h.next_event()
+                except h11.RemoteProtocolError as exc:
+                    self._bad_request(exc)
+                    return
+                kind = type(event)
+                if kind is _Data:
+                    if self.exchange is not None:
+                        self.exchange.client_data(event.data)
+                elif event is _NEED_DATA:
+                    return
+                elif kind is _Request:
+                    self._on_request(event)
+                elif kind is _EndOfMessage:
+                    if self.exchange is not None:
+                        self.exchange.client_end()
+                    elif self._local is not None:
+                        local, self._local = self._local, None
+                        self.balancer.local_request(self, *local)
+                elif event is _PAUSED:
+                    self._block_reading(_PIPELINE)
+                    return
+                else:  # ConnectionClosed: the client is done sending
+                    if self.exchange is None:
+                        self.close()
+                    return
+        finally:
+            self._processing = False
+
+    def _on_request(self, request: h11.Request) -> None:
+        self._waiting_head = False
+        self._head_request = request.method == b"HEAD"
+        self._deadline.cancel()
+        request_id = hdr.request_id(request.headers)
+        path = request.target.split(b"?", 1)[0]
+        handler = endpoints.ROUTES.get(path)
+        if handler is not None:
+            # Answered once the request (and any body, discarded) is complete,
+            # so the connection stays usable for the next request.
+            self._local = (request, request_id, handler)
+            return
+        problem = hdr.framing_problem(request.headers)
+        if problem is None and request.method == b"CONNECT":
+            problem = "CONNECT is not supported"
+        if problem is not None:
+            self.balancer.reject(self, request, request_id, 400, problem)
+            return
+        length = hdr.content_length(request.headers)
+        if length is not None and length > self._limits.max_body_bytes:
+            self.balancer.reject(self, request, request_id, 413,
+                                 f"request body of {length} bytes is larger than "
+                                 f"limits.max_body_bytes ({self._limits.max_body_bytes})")
+            return
+        if self.h11.they_are_waiting_for_100_continue:
+            self._send(h11.InformationalResponse(status_code=100, headers=[]))
+        self.exchange = Exchange(self.balancer, self, request, request_id)
+        self.exchange.start()
+
+    def _bad_request(self, exc: h11.RemoteProtocolError) -> None:
+        status = exc.error_status_hint or 400
+        if status == 431:
+            reason = (f"request head larger than limits.max_header_bytes "
+                      f"({self._limits.max_header_bytes} bytes)")
+        else:
+            reason = f"malformed request: {exc}"
+        if self.exchange is not None:
+            # Broken framing in the middle of a proxied request body.
+            self.exchange.client_bad_body(reason)
+            return
+        if self.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            self.balancer.reject(self, None, hdr.request_id(()), status, reason)
+        else:
+            self.close()
+
+    # --- responses (used by the exchange and the balancer)
+
+    def send_response(self, status: int, headers: hdr.Headers, reason: bytes = b"") -> None:
+        if self.h11.their_state is not h11.DONE:
+            # The request body is still coming and nobody will read it:
+            # this connection cannot carry another request.
+            headers.append((b"connection", b"close"))
+        self._send(h11.Response(status_code=status, headers=headers,
+                                reason=reason or _reason(status)))
+
+    def send_data(self, data: bytes) -> None:
+        if not self._closed:
+            self.transport.writelines(self.h11.send_with_data_passthrough(_Data(data=data)))
+
+    def send_end(self) -> None:
+        if self._closed:
+            return
+        self._send(_END)
+        self._response_complete()
+
+    def send_error(self, status: int, reason: str, request_id: str, *,
+                   close: bool = False, extra: hdr.Headers = ()) -> None:
+        """A complete JSON error answer made by the balancer."""
+        body = orjson.dumps({"error": reason, "request_id": request_id})
+        self.send_whole(status, b"application/json", body, request_id, close=close, extra=extra)
+
+    def send_whole(self, status: int, content_type: bytes, body: bytes, request_id: str, *,
+                   close: bool = False, extra: hdr.Headers = ()) -> None:
+        if self._closed:
+            return
+        if self.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            self.abort_response()
+            return
+        headers = [(b"content-type", content_type),
+                   (b"content-length", str(len(body)).encode("ascii")),
+                   (b"x-request-id", request_id.encode("ascii")), *extra]
+        if close:
+            headers.append((b"connection", b"close"))
+        self.send_response(status, headers)
+        if body and not self._head_request:
+            self._send(_Data(data=body))
+        self.send_end()
+
+    def abort_response(self) -> None:
+        """End a response visibly broken: close without finishing the body.
+
+        transport.close() still flushes what was already written, then sends
+        FIN; the client sees a chunked body without its last chunk, or fewer
+        bytes than Content-Length.
+        """
+        self.exchange = None
+        self.close()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._deadline.cancel()
+            self.transport.close()
+
+    # --- flow control
+
+    def pause_reading_for_backpressure(self) -> None:
+        self._block_reading(_BACKPRESSURE)
+
+    def resume_reading_for_backpressure(self) -> None:
+        self._unblock_reading(_BACKPRESSURE)
+
+    def _block_reading(self, reason: int) -> None:
+        if not self._read_block and not self._closed:
+            self.transport.pause_reading()
+        self._read_block |= reason
+
+    def _unblock_reading(self, reason: int) -> None:
+        if self._read_block & reason:
+            self._read_block &= ~reason
+            if not self._read_block and not self._closed:
+                self.transport.resume_reading()
+
+    # --- internals
+
+    def _send(self, event) -> None:
+        self.transport.write(self.h11.send(event))
+
+    def _response_complete(self) -> None:
+        self.exchange = None
+        h = self.h11
+        if h.our_state is h11.MUST_CLOSE or h.their_state is not h11.DONE:
+            self.close()
+            return
+        h.start_next_cycle()
+        self._waiting_head = True
+        self._head_seen = False
+        self._head_request = False
+        self._deadline.set(self._timeouts.idle)
+        self._unblock_reading(_PIPELINE | _BACKPRESSURE)
+        self._process()  # a pipelined request may already be buffered
+
+    def _on_deadline(self) -> None:
+        if self.exchange is not None or self._closed:
+            return
+        if self.h11.trailing_data[0]:
+            # Part of a head arrived but not all of it in time (slowloris).
+            self.balancer.reject(self, None, hdr.request_id(()), 408,
+                                 f"request head not received within "
+                                 f"timeouts.client_header ({self._timeouts.client_header:g}s)")
+        else:
+            self.close()  # idle keep-alive connection: close quietly
