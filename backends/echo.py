@@ -34,11 +34,11 @@ import h11
 import orjson
 
 READ_SIZE = 65536
-PATTERN = b"0123456789abcdefghijklmnopqrstuvwxyz\n"  # odd length (37) exposes lost or shifted pieces
+PATTERN = b"0123456789abcdefghijklmnopqrstuvwxyz\n"  # odd length (37) shows shifted pieces
 HANG_MAX = 3600.0         # even /hang gives up eventually: every wait here is bounded
 LINGER = 2.0              # how long a graceful close waits for the client's FIN
 MAX_REQUESTS_PER_CONN = 10**9
-MAX_READS_PER_EVENT = 100_000  # h11 caps heads/trailers at 16 KiB, so only a pathological peer hits this
+MAX_READS_PER_EVENT = 100_000  # h11 caps heads at 16 KiB: only a pathological peer gets here
 
 
 def expected_bytes(n: int) -> bytes:
@@ -221,10 +221,12 @@ class _Conn:
 
     async def route(self, req, path, q):
         if path == "/bytes":
-            return await self.h_bytes(_num(q, "n", 0, int, 0, 1 << 50), _num(q, "chunk", 65536, int, 1, 4 << 20))
+            return await self.h_bytes(_num(q, "n", 0, int, 0, 1 << 50),
+                                      _num(q, "chunk", 65536, int, 1, 4 << 20))
         if path == "/stream":
             return await self.h_stream(_num(q, "chunks", 1, int, 0, 10**6),
-                                       _num(q, "size", 1024, int, 0, 16 << 20), _num(q, "delay", 0.0))
+                                       _num(q, "size", 1024, int, 0, 16 << 20),
+                                       _num(q, "delay", 0.0))
         if path == "/echo":
             return await self.h_echo(req, q.get("cl") == "1")
         if path == "/headers":
@@ -254,7 +256,8 @@ class _Conn:
             await self.close_gracefully()
             raise Done
         if path == "/die-mid-body":
-            return await self.h_die(_num(q, "after", 0, int, 0, 1 << 30), q.get("chunked", "1") != "0")
+            return await self.h_die(_num(q, "after", 0, int, 0, 1 << 30),
+                                    q.get("chunked", "1") != "0")
         await self.read_body()
         await self.respond(200, b"ok\n")
 

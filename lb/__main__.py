@@ -21,6 +21,9 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"configuration file (default {DEFAULT_PATH})")
     parser.add_argument("--check", action="store_true",
                         help="validate the configuration and exit (0 if valid, 2 if not)")
+    parser.add_argument("--demo", action="store_true",
+                        help="also start simulated backends at the configured local URLs "
+                             "(no GPU servers needed)")
     parser.add_argument("--version", action="version", version=f"tts-lb {__version__}")
     args = parser.parse_args(argv)
 
@@ -40,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     log.info("RLIMIT_NOFILE: asked %d, hard limit %d, was %d, granted %d%s", fd.asked, fd.hard,
              fd.soft_before, fd.granted, f" (raise failed: {fd.error})" if fd.error else "")
     try:
+        if args.demo:
+            from .demo import demo_fleet
+            with demo_fleet(config):
+                return _run(config, fd)
         return _run(config, fd)
     except KeyboardInterrupt:
         return 0

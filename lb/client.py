@@ -47,6 +47,14 @@ def _reason(status: int) -> bytes:
         return b""
 
 
+def _head_size(request: h11.Request) -> int:
+    """The size of a request head as sent, give or take optional whitespace."""
+    size = len(request.method) + len(request.target) + 12  # spaces, version, CRLFs
+    for name, value in request.headers:
+        size += len(name) + len(value) + 4
+    return size
+
+
 class ClientConnection(asyncio.Protocol):
     __slots__ = ("balancer", "h11", "transport", "peer_ip", "exchange", "write_paused",
                  "_read_block", "_deadline", "_processing", "_closed", "_waiting_head",
@@ -93,13 +101,11 @@ class ClientConnection(asyncio.Protocol):
         self._process()
 
     def eof_received(self) -> bool:
-        # The client may half-close after sending its request and still want
-        # the answer, so keep the transport open for writing; h11 reports
-        # ConnectionClosed once the pending request (if any) is handled.
-        if not self._closed:
-            self.h11.receive_data(b"")
-            self._process()
-        return True
+        # A client that stops sending has given up on its call, as far as a
+        # TTS caller goes (HTTP clients do not half-close to await an answer).
+        # Close now, so connection_lost frees the backend and its GPU slot at
+        # once, as HAProxy's abortonclose does.
+        return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
@@ -150,9 +156,8 @@ class ClientConnection(asyncio.Protocol):
                 elif event is _PAUSED:
                     self._block_reading(_PIPELINE)
                     return
-                else:  # ConnectionClosed: the client is done sending
-                    if self.exchange is None:
-                        self.close()
+                else:  # ConnectionClosed (not fed to h11 today: we close on EOF)
+                    self.close()
                     return
         finally:
             self._processing = False
@@ -162,6 +167,11 @@ class ClientConnection(asyncio.Protocol):
         self._head_request = request.method == b"HEAD"
         self._deadline.cancel()
         request_id = hdr.request_id(request.headers)
+        if _head_size(request) > self._limits.max_header_bytes:
+            # h11 only limits heads that arrive in pieces; one that arrives
+            # whole in a single read is measured here.
+            self.balancer.reject(self, request, request_id, 431, self._head_too_large())
+            return
         path = request.target.split(b"?", 1)[0]
         handler = endpoints.ROUTES.get(path)
         if handler is not None:
@@ -189,8 +199,7 @@ class ClientConnection(asyncio.Protocol):
     def _bad_request(self, exc: h11.RemoteProtocolError) -> None:
         status = exc.error_status_hint or 400
         if status == 431:
-            reason = (f"request head larger than limits.max_header_bytes "
-                      f"({self._limits.max_header_bytes} bytes)")
+            reason = self._head_too_large()
         else:
             reason = f"malformed request: {exc}"
         if self.exchange is not None:
@@ -201,6 +210,10 @@ class ClientConnection(asyncio.Protocol):
             self.balancer.reject(self, None, hdr.request_id(()), status, reason)
         else:
             self.close()
+
+    def _head_too_large(self) -> str:
+        return (f"request head larger than limits.max_header_bytes "
+                f"({self._limits.max_header_bytes} bytes)")
 
     # --- responses (used by the exchange and the balancer)
 

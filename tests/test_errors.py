@@ -1,0 +1,198 @@
+"""Every failure is an answer: statuses, JSON bodies, broken streams, freed backends."""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import time
+
+import pytest
+
+from conftest import RawReader, connect, raw_request, wait_until
+
+
+def _assert_json_error(resp, status: int, *words: str) -> dict:
+    assert resp.status == status, (resp.status, resp.body)
+    assert resp.header("content-type") == "application/json"
+    body = resp.json()
+    assert set(body) == {"error", "request_id"}
+    assert body["request_id"] == resp.header("x-request-id")
+    for word in words:
+        assert word in body["error"], body["error"]
+    return body
+
+
+# --- the client's mistakes
+
+def test_malformed_request_line_is_400(lb):
+    resp = raw_request(lb.port, b"THIS IS NOT HTTP\r\n\r\n")
+    _assert_json_error(resp, 400, "malformed")
+
+
+def test_bad_header_is_400(lb):
+    resp = raw_request(lb.port, b"GET / HTTP/1.1\r\nHost: x\r\nBad Header: y\r\n\r\n")
+    _assert_json_error(resp, 400)
+
+
+def test_content_length_with_transfer_encoding_is_400(lb, backend):
+    backend.reset_stats()
+    resp = raw_request(lb.port, b"POST /headers HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+                                b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+    _assert_json_error(resp, 400, "Content-Length and Transfer-Encoding")
+    assert resp.header("connection") == "close"
+    assert backend.stats()["requests_total"] == 0
+
+
+def test_oversized_head_is_431(start_backend, start_lb):
+    lb = start_lb([start_backend().url], limits={"max_header_bytes": 4096})
+    resp = raw_request(lb.port, b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 8000 + b"\r\n\r\n")
+    _assert_json_error(resp, 431, "max_header_bytes")
+
+
+def test_declared_oversized_body_is_413_before_reading_it(start_backend, start_lb):
+    backend = start_backend()
+    lb = start_lb([backend.url], limits={"max_body_bytes": 1000})
+    resp = raw_request(lb.port, b"POST /headers HTTP/1.1\r\nHost: x\r\nContent-Length: 5000\r\n\r\n")
+    _assert_json_error(resp, 413, "max_body_bytes")
+    assert backend.stats()["requests_total"] == 0
+
+
+def test_chunked_body_growing_past_the_limit_is_413(start_backend, start_lb):
+    backend = start_backend()
+    lb = start_lb([backend.url], limits={"max_body_bytes": 1000})
+    with connect(lb.port) as sock:
+        sock.sendall(b"POST /headers HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for _ in range(3):
+            sock.sendall(b"200\r\n" + b"z" * 512 + b"\r\n")
+        resp = RawReader(sock).response()
+    _assert_json_error(resp, 413, "max_body_bytes")
+    # The backend connection that was receiving the body is closed, not left waiting.
+    wait_until(lambda: backend.stats()["requests_in_flight"] == 0, what="backend request freed")
+
+
+def test_incomplete_head_times_out_with_408(start_backend, start_lb):
+    lb = start_lb([start_backend().url], timeouts={"client_header": 0.5})
+    with connect(lb.port) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")  # never finished
+        resp = RawReader(sock).response()
+    _assert_json_error(resp, 408, "client_header")
+
+
+def test_idle_connection_without_request_is_closed_quietly(start_backend, start_lb):
+    lb = start_lb([start_backend().url], timeouts={"client_header": 0.3})
+    with connect(lb.port) as sock:
+        assert sock.recv(100) == b""  # closed, nothing written
+
+
+# --- the backend's failures
+
+def test_refused_connection_is_502(start_lb):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead_port = s.getsockname()[1]  # closed again: nobody listens there
+    lb = start_lb([f"http://127.0.0.1:{dead_port}"])
+    resp = raw_request(lb.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    _assert_json_error(resp, 502, "cannot connect")
+    entry = lb.stats()["backends"][0]
+    assert entry["failures"]["connect"] == 1
+    assert "cannot connect" in entry["last_error"]["reason"]
+
+
+@pytest.mark.parametrize("path, words", [("/reset", "reset"), ("/close", "closed the connection")])
+def test_backend_reset_or_close_before_answering_is_502(lb, path, words):
+    resp = raw_request(lb.port, f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    _assert_json_error(resp, 502, words)
+    assert lb.stats()["backends"][0]["failures"]["reset"] == 1
+
+
+def test_no_first_byte_in_time_is_504_and_frees_the_backend(start_backend, start_lb):
+    backend = start_backend()
+    lb = start_lb([backend.url], timeouts={"first_byte": 0.5})
+    resp = raw_request(lb.port, b"GET /hang HTTP/1.1\r\nHost: x\r\n\r\n")
+    _assert_json_error(resp, 504, "no response within")
+    wait_until(lambda: backend.stats()["requests_in_flight"] == 0, what="backend request freed")
+    assert lb.stats()["backends"][0]["failures"]["first_byte_timeout"] == 1
+
+
+def test_connect_timeout_is_504(start_lb):
+    # A listener whose accept queue is full and never drained: the kernel
+    # drops further SYNs, so connecting hangs, all on loopback.
+    blackhole = socket.socket()
+    blackhole.bind(("127.0.0.1", 0))
+    blackhole.listen(0)
+    port = blackhole.getsockname()[1]
+    fillers = []
+    try:
+        for _ in range(4):
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", port))
+            fillers.append(s)
+        lb = start_lb([f"http://127.0.0.1:{port}"], timeouts={"connect": 0.5})
+        resp = raw_request(lb.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        _assert_json_error(resp, 504, "did not accept a connection")
+    finally:
+        for s in fillers:
+            s.close()
+        blackhole.close()
+
+
+@pytest.mark.parametrize("chunked", [1, 0])
+def test_backend_dying_mid_body_gives_a_visibly_broken_response(lb, chunked):
+    conn = http.client.HTTPConnection("127.0.0.1", lb.port, timeout=5)
+    conn.request("GET", f"/die-mid-body?after=5000&chunked={chunked}")
+    resp = conn.getresponse()
+    assert resp.status == 200
+    with pytest.raises(http.client.IncompleteRead):
+        resp.read()
+    conn.close()
+    line = lb.wait_for_line(r"die-mid-body.*note=").string
+    assert "in the middle of the response" in line
+
+
+def test_backend_silent_mid_body_is_cut_after_idle_timeout(start_backend, start_lb):
+    lb = start_lb([start_backend().url], timeouts={"idle": 0.5})
+    with connect(lb.port, timeout=10) as sock:
+        sock.sendall(b"GET /stream?chunks=2&size=10&delay=3 HTTP/1.1\r\nHost: x\r\n\r\n")
+        resp = RawReader(sock).response()
+    assert resp.status == 200 and not resp.complete
+    assert resp.body.startswith(b"chunk-0|")
+
+
+# --- the client leaving
+
+def test_client_disconnect_frees_the_backend_connection_at_once(lb, backend):
+    backend.reset_stats()
+    sock = connect(lb.port)
+    sock.sendall(b"GET /hang HTTP/1.1\r\nHost: x\r\n\r\n")
+    wait_until(lambda: backend.stats()["requests_in_flight"] == 1, what="request at the backend")
+    assert lb.stats()["backends"][0]["in_flight"] == 1
+    sock.close()
+    wait_until(lambda: backend.stats()["requests_in_flight"] == 0, timeout=2,
+               what="backend connection closed after client left")
+    assert backend.stats()["connections_open"] == 0
+    assert lb.stats()["backends"][0]["in_flight"] == 0
+    assert "status=499" in lb.wait_for_line(r"path=\"/hang\"").string
+
+
+def test_client_disconnect_mid_upload_frees_the_backend(lb, backend):
+    backend.reset_stats()
+    sock = connect(lb.port)
+    sock.sendall(b"POST /headers HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n"
+                 + b"a" * 10000)
+    wait_until(lambda: backend.stats()["requests_in_flight"] == 1, what="request at the backend")
+    sock.close()
+    wait_until(lambda: backend.stats()["connections_open"] == 0, timeout=2,
+               what="backend connection closed after client left")
+
+
+def test_balancer_survives_all_of_it(lb):
+    # After the abuse above in the same process, ordinary requests still work.
+    for payload in (b"\x16\x03\x01\x00\xa5", b"GET / HTTP/1.1\r\n\r\n", b"\r\n\r\n"):
+        with connect(lb.port) as sock:
+            sock.sendall(payload)
+            time.sleep(0.05)
+    conn = http.client.HTTPConnection("127.0.0.1", lb.port, timeout=5)
+    conn.request("GET", "/")
+    assert conn.getresponse().read() == b"ok\n"
+    assert "Traceback" not in lb.output()

@@ -1,0 +1,173 @@
+"""Proxying with real clients: keep-alive, pipelining, headers, endpoints."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import shutil
+import subprocess
+
+import pytest
+
+from conftest import RawReader, connect, env_without_proxies, get_json
+
+
+def test_http_client_keep_alive_reuses_one_backend_connection(lb, backend):
+    backend.reset_stats()
+    conn = http.client.HTTPConnection("127.0.0.1", lb.port, timeout=5)
+    for i in range(20):
+        conn.request("GET", f"/item/{i}")
+        resp = conn.getresponse()
+        assert resp.status == 200
+        assert resp.read() == b"ok\n"
+    conn.close()
+    # 20 requests on one client connection and also...
+    for _ in range(5):
+        fresh = http.client.HTTPConnection("127.0.0.1", lb.port, timeout=5)
+        fresh.request("POST", "/headers", body=b"x" * 100)
+        assert fresh.getresponse().read()
+        fresh.close()
+    stats = backend.stats()
+    assert stats["requests_total"] == 25
+    # ...25 requests over 6 client connections reached the backend over one pooled connection.
+    assert stats["connections_total"] == 1
+    pool = lb.stats()["backends"][0]["pool"]
+    assert pool["opened"] == 1 and pool["reused"] == 24
+
+
+def test_pipelined_requests_are_answered_in_order(lb):
+    requests = (b"GET /slow?delay=0.3 HTTP/1.1\r\nHost: x\r\nX-Request-ID: first\r\n\r\n"
+                b"POST /headers HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
+                b"X-Request-ID: second\r\n\r\nabc"
+                b"GET /health HTTP/1.1\r\nHost: x\r\nX-Request-ID: third\r\n\r\n"
+                b"GET / HTTP/1.1\r\nHost: x\r\nX-Request-ID: fourth\r\n\r\n")
+    with connect(lb.port) as sock:
+        sock.sendall(requests)
+        reader = RawReader(sock)
+        responses = [reader.response() for _ in range(4)]
+    assert [r.header("x-request-id") for r in responses] == ["first", "second", "third", "fourth"]
+    assert [r.status for r in responses] == [200, 200, 200, 200]
+    assert responses[0].body == b"ok\n"
+    assert responses[1].json()["body_bytes"] == 3
+    assert responses[2].json()["status"] == "ok"
+    assert responses[3].body == b"ok\n"
+
+
+def test_hop_by_hop_headers_stripped_and_forwarding_headers_set(lb):
+    conn = http.client.HTTPConnection("127.0.0.1", lb.port, timeout=5)
+    conn.request("GET", "/headers", headers={
+        "Host": "tts.example",
+        "Connection": "keep-alive, X-Secret",
+        "X-Secret": "hop",
+        "Keep-Alive": "timeout=5",
+        "TE": "trailers",
+        "Trailer": "X-Checksum",
+        "Upgrade": "websocket",
+        "Proxy-Authorization": "Basic Zm9vOmJhcg==",
+        "Proxy-Connection": "keep-alive",
+        "X-Forwarded-For": "203.0.113.7",
+        "X-Forwarded-Proto": "https-spoofed",
+        "X-Request-ID": "call-42",
+        "X-Keep-Me": "yes",
+    })
+    resp = conn.getresponse()
+    seen = json.loads(resp.read())
+    conn.close()
+    names = [name for name, _ in seen["headers"]]
+    for hop in ("connection", "x-secret", "keep-alive", "te", "trailer", "upgrade",
+                "proxy-authorization", "proxy-connection", "transfer-encoding"):
+        assert hop not in names, f"{hop} was forwarded"
+    got = dict(seen["headers"])
+    assert got["x-keep-me"] == "yes"
+    assert got["host"] == "tts.example"
+    assert got["x-forwarded-for"] == "203.0.113.7, 127.0.0.1"
+    assert got["x-forwarded-proto"] == "http"
+    assert got["x-forwarded-host"] == "tts.example"
+    assert got["x-request-id"] == "call-42"
+    assert names.count("x-forwarded-for") == 1
+    assert resp.getheader("X-Request-ID") == "call-42"
+
+
+def test_request_id_generated_when_absent_and_same_on_both_sides(lb):
+    conn = http.client.HTTPConnection("127.0.0.1", lb.port, timeout=5)
+    conn.request("GET", "/headers")
+    resp = conn.getresponse()
+    seen = dict(json.loads(resp.read())["headers"])
+    conn.close()
+    rid = resp.getheader("X-Request-ID")
+    assert rid and len(rid) == 32
+    assert seen["x-request-id"] == rid
+    assert f"rid={rid} " in lb.wait_for_line(rf"rid={rid} ").string
+
+
+def test_access_log_line_has_the_fields(lb):
+    conn = http.client.HTTPConnection("127.0.0.1", lb.port, timeout=5)
+    conn.request("POST", "/headers?x=1", body=b"12345", headers={"X-Request-ID": "logme"})
+    body = conn.getresponse().read()
+    conn.close()
+    line = lb.wait_for_line(r"rid=logme ").string
+    assert 'method=POST path="/headers?x=1" status=200 backend=b0 in=5 ' in line
+    assert f"out={len(body)} " in line
+    assert "ttfb_ms=" in line and "total_ms=" in line
+
+
+def test_builtin_endpoints(lb, backend):
+    assert get_json(lb.port, "/health") == {"status": "ok", "backends_usable": 1,
+                                            "backends_total": 1}
+    stats = get_json(lb.port, "/lb-stats")
+    (entry,) = stats["backends"]
+    assert entry["url"] == backend.url and entry["state"] == "up"
+    for key in ("in_flight", "requests", "errors", "last_error", "responses"):
+        assert key in entry
+    assert stats["fd_limit"]["granted"] > 0 and stats["connections"]["max"] > 0
+
+    conn = http.client.HTTPConnection("127.0.0.1", lb.port, timeout=5)
+    conn.request("GET", "/lb-stats", headers={"Accept": "text/html"})
+    resp = conn.getresponse()
+    page = resp.read().decode()
+    assert resp.getheader("Content-Type").startswith("text/html")
+    assert "<table" in page and backend.url in page and "UP" in page
+
+    conn.request("GET", "/metrics")
+    resp = conn.getresponse()
+    text = resp.read().decode()
+    assert resp.getheader("Content-Type").startswith("text/plain")
+    assert "# TYPE tts_lb_backend_in_flight gauge" in text
+    assert 'tts_lb_backend_in_flight{backend="b0"} 0' in text
+
+    conn.request("POST", "/health", body=b"{}")
+    resp = conn.getresponse()
+    assert resp.status == 405 and "error" in json.loads(resp.read())
+    conn.close()
+
+
+def test_head_request_passes_through(lb):
+    conn = http.client.HTTPConnection("127.0.0.1", lb.port, timeout=5)
+    conn.request("HEAD", "/bytes?n=1000")
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.getheader("Content-Length") == "1000"
+    assert resp.read() == b""
+    conn.request("GET", "/")  # the connection is still in step
+    assert conn.getresponse().read() == b"ok\n"
+    conn.close()
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
+def test_curl_streams_and_uploads_with_expect_continue(lb, tmp_path):
+    run = lambda *args: subprocess.run(["curl", "-sS", "--max-time", "20", *args],
+                                       capture_output=True, env=env_without_proxies(), timeout=30)
+    out = run("-N", f"http://127.0.0.1:{lb.port}/stream?chunks=4&size=1000&delay=0.05")
+    assert out.returncode == 0, out.stderr
+    assert len(out.stdout) == 4000 and out.stdout.startswith(b"chunk-0|")
+
+    # curl sends "Expect: 100-continue" for a body this large and waits for it.
+    body = tmp_path / "body.bin"
+    body.write_bytes(bytes(range(256)) * 8192)  # 2 MiB
+    out = run("-H", "Content-Type: application/octet-stream", "--data-binary", f"@{body}",
+              "-w", "\n%{http_code} %{time_starttransfer}", f"http://127.0.0.1:{lb.port}/echo?cl=1")
+    assert out.returncode == 0, out.stderr
+    payload, _, trailer = out.stdout.rpartition(b"\n")
+    assert payload == body.read_bytes()
+    code, ttfb = trailer.split()
+    assert code == b"200"
+    assert float(ttfb) < 0.9, "curl waited for its 1 s Expect timeout: no 100 Continue was sent"
