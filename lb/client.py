@@ -39,6 +39,8 @@ _NEED_DATA = h11.NEED_DATA
 _PAUSED = h11.PAUSED
 _END = h11.EndOfMessage()
 
+LINGER = 2.0  # seconds to read and discard after our FIN before closing
+
 
 def _reason(status: int) -> bytes:
     try:
@@ -178,6 +180,7 @@ class ClientConnection(asyncio.Protocol):
             # Answered once the request (and any body, discarded) is complete,
             # so the connection stays usable for the next request.
             self._local = (request, request_id, handler)
+            self._deadline.set(self._timeouts.idle)
             return
         problem = hdr.framing_problem(request.headers)
         if problem is None and request.method == b"CONNECT":
@@ -269,10 +272,29 @@ class ClientConnection(asyncio.Protocol):
         self.close()
 
     def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._deadline.cancel()
-            self.transport.close()
+        """Close after what was written is flushed, with a lingering read.
+
+        Closing a socket with unread request bytes in the kernel makes it send
+        an RST, which can destroy the error answer we just wrote (say a 413
+        to a client still uploading).  So send FIN first, keep reading and
+        discarding for up to LINGER seconds, and close when the client does.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._deadline.cancel()
+        transport = self.transport
+        if transport.is_closing():
+            return
+        try:
+            transport.write_eof()
+        except (OSError, RuntimeError, NotImplementedError):
+            transport.close()
+            return
+        if self._read_block:
+            self._read_block = 0
+            transport.resume_reading()
+        self.balancer.loop.call_later(LINGER, transport.close)
 
     # --- flow control
 

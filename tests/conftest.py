@@ -76,8 +76,8 @@ class Process:
 
 
 class Backend(Process):
-    def __init__(self):
-        super().__init__(["-m", "backends.echo", "--port", "0"])
+    def __init__(self, port: int = 0):
+        super().__init__(["-m", "backends.echo", "--port", str(port)])
         self.port = int(self.wait_for_line(r"listening on 127\.0\.0\.1:(\d+)").group(1))
         self.url = f"http://127.0.0.1:{self.port}"
 

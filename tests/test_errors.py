@@ -57,6 +57,18 @@ def test_declared_oversized_body_is_413_before_reading_it(start_backend, start_l
     assert backend.stats()["requests_total"] == 0
 
 
+def test_413_reaches_a_client_that_keeps_uploading(start_backend, start_lb):
+    # http.client writes the whole body before reading: the balancer must
+    # read and discard it after answering, not reset the connection.
+    lb = start_lb([start_backend().url], limits={"max_body_bytes": 1000})
+    conn = http.client.HTTPConnection("127.0.0.1", lb.port, timeout=10)
+    conn.request("POST", "/headers", body=b"u" * (32 * 1024 * 1024))
+    resp = conn.getresponse()
+    assert resp.status == 413
+    assert "max_body_bytes" in resp.read().decode()
+    conn.close()
+
+
 def test_chunked_body_growing_past_the_limit_is_413(start_backend, start_lb):
     backend = start_backend()
     lb = start_lb([backend.url], limits={"max_body_bytes": 1000})

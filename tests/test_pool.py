@@ -1,0 +1,119 @@
+"""The pool of idle backend connections: bounded, expiring, never handing out a dead one."""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import threading
+
+from conftest import Backend, wait_until
+
+
+def _get(port: int, path: str = "/") -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def test_idle_connections_expire(start_backend, start_lb):
+    backend = start_backend()
+    lb = start_lb([backend.url], pool={"idle_timeout": 0.5})
+    assert _get(lb.port) == (200, b"ok\n")
+    assert lb.stats()["backends"][0]["pool"]["idle"] == 1
+    wait_until(lambda: lb.stats()["backends"][0]["pool"]["idle"] == 0, timeout=5,
+               what="idle pooled connection expired")
+    wait_until(lambda: backend.stats()["connections_open"] == 0, timeout=2,
+               what="backend saw the expired connection close")
+
+
+def test_pool_keeps_at_most_max_idle(start_backend, start_lb):
+    backend = start_backend()
+    lb = start_lb([backend.url], pool={"max_idle": 2})
+    # Five concurrent slow requests need five backend connections; afterwards
+    # only two stay pooled.
+    threads = [threading.Thread(target=_get, args=(lb.port, "/slow?delay=0.3")) for _ in range(5)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    pool = lb.stats()["backends"][0]["pool"]
+    assert pool["opened"] == 5 and pool["idle"] == 2
+    wait_until(lambda: backend.stats()["connections_open"] == 2, what="surplus connections closed")
+
+
+def test_connection_closed_by_a_restarted_backend_is_not_reused(start_lb):
+    first = Backend()
+    try:
+        lb = start_lb([first.url])
+        assert _get(lb.port) == (200, b"ok\n")
+        assert lb.stats()["backends"][0]["pool"]["idle"] == 1
+    finally:
+        first.stop()
+    # The backend restarts on the same port; the pooled connection is dead.
+    second = Backend(first.port)
+    try:
+        for _ in range(3):
+            assert _get(lb.port) == (200, b"ok\n")
+        entry = lb.stats()["backends"][0]
+        assert entry["failures"]["reset"] == 0 and entry["failures"]["connect"] == 0
+        assert second.stats()["connections_total"] == 1
+    finally:
+        second.stop()
+
+
+
+class _OneShotKeepAliveBackend:
+    """Answers the first request on each connection, then closes the connection
+    without answering the second: the keep-alive race, every time."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.connections = 0
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _handle(conn):
+        with conn:
+            conn.settimeout(5)
+            buf = b""
+            while b"\r\n\r\n" not in buf:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                buf += data
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n")
+            # Wait for the next request on this connection, then hang up on it.
+            conn.recv(65536)
+
+    def close(self):
+        self.sock.close()
+
+
+def test_request_on_a_connection_the_backend_closes_is_resent_on_a_fresh_one(start_lb):
+    backend = _OneShotKeepAliveBackend()
+    try:
+        lb = start_lb([f"http://127.0.0.1:{backend.port}"])
+        for _ in range(3):
+            assert _get(lb.port, "/tts") == (200, b"ok\n")
+        entry = lb.stats()["backends"][0]
+        assert entry["responses"]["2xx"] == 3 and entry["errors"] == 0
+        assert backend.connections == 3   # each reuse failed and was resent on a new one
+    finally:
+        backend.close()
