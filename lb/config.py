@@ -8,6 +8,8 @@ the reason, so `python -m lb --check` can print one precise line and exit 2.
 
 from __future__ import annotations
 
+import ipaddress
+import math
 import re
 import tomllib
 from dataclasses import dataclass
@@ -96,8 +98,8 @@ def _integer(minimum: int, maximum: int | None = None) -> Callable[[Any], int]:
 def _seconds(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"must be a number of seconds, got {_show(value)}")
-    if not value > 0:
-        raise ValueError(f"must be a positive number of seconds, got {value}")
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"must be a positive, finite number of seconds, got {value}")
     return float(value)
 
 
@@ -119,17 +121,25 @@ def _address(value: Any) -> tuple[str, int]:
     """'0.0.0.0:6095' or '[::1]:6095' -> (host, port)."""
     if not isinstance(value, str):
         raise ValueError(f"must be a string like \"0.0.0.0:6095\", got {_show(value)}")
-    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d+)|([^:\[\]]+):(\d+)", value)
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:([0-9]+)|([A-Za-z0-9.-]+):([0-9]+)",
+                         value)
     if not match:
         raise ValueError(f"must be HOST:PORT (IPv6 as [ADDR]:PORT), got {value!r}")
     host = match.group(1) or match.group(3)
     port = int(match.group(2) or match.group(4))
+    if match.group(1):
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} is not an IPv6 address") from None
     if port > 65535:
         raise ValueError(f"port must be 0-65535, got {port}")
     return host, port
 
 
 def _show(value: Any) -> str:
+    if value is None:
+        return "nothing (the key is missing)"
     kind = {str: "string", bool: "boolean", int: "integer", float: "number",
             list: "array", dict: "table"}.get(type(value), type(value).__name__)
     return f"{kind} {value!r}" if not isinstance(value, (list, dict)) else kind
@@ -259,9 +269,11 @@ def _backend_url(key: str, url: Any) -> tuple[str, int]:
         raise ConfigError(key, f"scheme must be http (got {parts.scheme or 'none'!r} in {url!r})")
     if not parts.hostname:
         raise ConfigError(key, f"no host in URL {url!r}")
-    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+    if parts.path not in ("", "/") or parts.query or parts.fragment or "@" in parts.netloc:
         raise ConfigError(key, f"must be scheme://host:port only, got {url!r}")
-    return parts.hostname, port or 80
+    if port == 0:
+        raise ConfigError(key, f"port 0 cannot be connected to, in {url!r}")
+    return parts.hostname, 80 if port is None else port
 
 
 def _bracket(host: str) -> str:

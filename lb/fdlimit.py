@@ -28,6 +28,7 @@ def raise_nofile(asked: int) -> FdLimit:
     """Raise the soft limit towards `asked`, never above the hard limit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = asked if hard == resource.RLIM_INFINITY else min(asked, hard)
+    target = max(target, soft) if soft != resource.RLIM_INFINITY else soft  # never lower it
     error = ""
     if target != soft:
         try:

@@ -56,10 +56,12 @@ def to_backend(headers: Headers, *, client_ip: str, request_id: str,
     forwarded_for: list[bytes] = []
     host = None
     for name, value in headers:
+        if name in HOP_BY_HOP or name in listed:
+            continue
         if name == b"x-forwarded-for":
             forwarded_for.append(value)
             continue
-        if name in HOP_BY_HOP or name in listed or name in _REPLACED_UPSTREAM:
+        if name in _REPLACED_UPSTREAM:
             continue
         if name == b"host":
             host = value
