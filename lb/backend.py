@@ -22,6 +22,8 @@ class Backend:
         self.url = cfg.url
         self.host = cfg.host
         self.port = cfg.port
+        # Host header for requests that arrive without one (HTTP/1.0).
+        self.host_header = cfg.url.split("://", 1)[1].encode("ascii")
         self.pool = pool
         self.in_flight = 0          # requests holding this backend, connecting included
         self.requests = 0           # requests sent here

@@ -47,7 +47,7 @@ class Balancer:
                 loop, b.host, b.port, max_idle=config.pool.max_idle,
                 idle_timeout=config.pool.idle_timeout, connect_timeout=config.timeouts.connect,
                 make_connection=lambda pool: UpstreamConnection(
-                    pool, max_header_bytes=limits.max_header_bytes,
+                    pool, loop, max_header_bytes=limits.max_header_bytes,
                     write_buffer_high=limits.write_buffer_high)))
             for b in config.backends]
         self.max_connections, self.cap_note = connection_cap(

@@ -3,12 +3,17 @@
 It parses requests, answers the balancer's own endpoints and framing errors
 itself, and hands every other request to an `Exchange`.  Pipelined requests
 are answered in order for free: h11 reports PAUSED after a complete request
-until its response is done, and we stop reading the socket meanwhile.
+until its response is done, and keeps what follows in its buffer (we stop
+reading the socket if that grows past a request head's worth).
 
 Timers: a new connection must deliver a request head within
 `timeouts.client_header`; between keep-alive requests the connection may sit
 idle for `timeouts.idle`; once a request is under way the exchange's own
 deadline takes over.
+
+Writes are coalesced: everything produced while handling one read (response
+head, body, end) goes out in one writelines() at the end of the loop
+iteration, instead of one system call per h11 event.
 """
 
 from __future__ import annotations
@@ -29,8 +34,10 @@ if TYPE_CHECKING:
     from .balancer import Balancer
 
 # Why client reading is paused (bits, so the reasons do not undo each other).
-_PIPELINE = 1       # a complete request is being answered; later ones wait in h11
+_PIPELINE = 1       # too much arrived behind a request still being answered
 _BACKPRESSURE = 2   # the backend side cannot take more request body yet
+
+LINGER = 2.0  # seconds to read and discard after our FIN before closing
 
 _Data = h11.Data
 _Request = h11.Request
@@ -38,8 +45,7 @@ _EndOfMessage = h11.EndOfMessage
 _NEED_DATA = h11.NEED_DATA
 _PAUSED = h11.PAUSED
 _END = h11.EndOfMessage()
-
-LINGER = 2.0  # seconds to read and discard after our FIN before closing
+_CONTINUE = h11.InformationalResponse(status_code=100, headers=[])
 
 
 def _reason(status: int) -> bytes:
@@ -49,21 +55,15 @@ def _reason(status: int) -> bytes:
         return b""
 
 
-def _head_size(request: h11.Request) -> int:
-    """The size of a request head as sent, give or take optional whitespace."""
-    size = len(request.method) + len(request.target) + 12  # spaces, version, CRLFs
-    for name, value in request.headers:
-        size += len(name) + len(value) + 4
-    return size
-
-
 class ClientConnection(asyncio.Protocol):
     __slots__ = ("balancer", "h11", "transport", "peer_ip", "exchange", "write_paused",
-                 "_read_block", "_deadline", "_processing", "_closed", "_waiting_head",
-                 "_head_seen", "_head_request", "_local", "_limits", "_timeouts")
+                 "_loop", "_read_block", "_deadline", "_processing", "_closed",
+                 "_waiting_head", "_head_seen", "_head_request", "_local", "_limits",
+                 "_timeouts", "_out", "_flush_scheduled", "_answering", "_queued_bytes")
 
     def __init__(self, balancer: "Balancer"):
         self.balancer = balancer
+        self._loop = balancer.loop
         self._limits = balancer.config.limits
         self._timeouts = balancer.config.timeouts
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self._limits.max_header_bytes)
@@ -72,13 +72,17 @@ class ClientConnection(asyncio.Protocol):
         self.exchange: Exchange | None = None
         self.write_paused = False
         self._read_block = 0
-        self._deadline = Deadline(balancer.loop, self._on_deadline)
+        self._deadline = Deadline(self._loop, self._on_deadline)
         self._processing = False
         self._closed = False
         self._waiting_head = True   # between requests (keep-alive idle or head arriving)
         self._head_seen = True      # bytes of the awaited head have arrived
         self._head_request = False  # the current request is HEAD: answers carry no body
         self._local = None          # (request, id, handler) of a built-in endpoint request
+        self._out: list[bytes] = []  # coalesced writes, flushed once per loop iteration
+        self._flush_scheduled = False
+        self._answering = False     # a complete request awaits its response (h11 PAUSED)
+        self._queued_bytes = 0      # bytes received behind it meanwhile
 
     # --- asyncio callbacks
 
@@ -93,13 +97,19 @@ class ClientConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._closed:
-            return
+            return  # lingering after our FIN: discard
         if self._waiting_head and not self._head_seen:
             # First bytes of a new request on an idle keep-alive connection:
             # from now on the head must complete within client_header.
             self._head_seen = True
             self._deadline.set(self._timeouts.client_header)
         self.h11.receive_data(data)
+        if self._answering:
+            # Pipelined bytes wait in h11's buffer; bound how many.
+            self._queued_bytes += len(data)
+            if self._queued_bytes > self._limits.max_header_bytes:
+                self._block_reading(_PIPELINE)
+            return
         self._process()
 
     def eof_received(self) -> bool:
@@ -111,6 +121,7 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closed = True
+        self._out = []
         self._deadline.cancel()
         exchange, self.exchange = self.exchange, None
         if exchange is not None:
@@ -156,7 +167,7 @@ class ClientConnection(asyncio.Protocol):
                         local, self._local = self._local, None
                         self.balancer.local_request(self, *local)
                 elif event is _PAUSED:
-                    self._block_reading(_PIPELINE)
+                    self._answering = True
                     return
                 else:  # ConnectionClosed (not fed to h11 today: we close on EOF)
                     self.close()
@@ -165,52 +176,50 @@ class ClientConnection(asyncio.Protocol):
             self._processing = False
 
     def _on_request(self, request: h11.Request) -> None:
+        # The keep-alive/head deadline is left to fire and find a request
+        # under way, rather than cancelled and re-armed for every request.
         self._waiting_head = False
         self._head_request = request.method == b"HEAD"
-        self._deadline.cancel()
-        request_id = hdr.request_id(request.headers)
-        if _head_size(request) > self._limits.max_header_bytes:
+        info = hdr.inspect_request(request)
+        if info.head_size > self._limits.max_header_bytes:
             # h11 only limits heads that arrive in pieces; one that arrives
             # whole in a single read is measured here.
-            self.balancer.reject(self, request, request_id, 431, self._head_too_large())
+            self.balancer.reject(self, request, info.request_id, 431, self._head_too_large())
             return
         path = request.target.split(b"?", 1)[0]
         handler = endpoints.ROUTES.get(path)
         if handler is not None:
             # Answered once the request (and any body, discarded) is complete,
             # so the connection stays usable for the next request.
-            self._local = (request, request_id, handler)
+            self._local = (request, info.request_id, handler)
             self._deadline.set(self._timeouts.idle)
             return
-        problem = hdr.framing_problem(request.headers)
+        problem = info.problem
         if problem is None and request.method == b"CONNECT":
             problem = "CONNECT is not supported"
         if problem is not None:
-            self.balancer.reject(self, request, request_id, 400, problem)
+            self.balancer.reject(self, request, info.request_id, 400, problem)
             return
-        length = hdr.content_length(request.headers)
+        length = info.content_length
         if length is not None and length > self._limits.max_body_bytes:
-            self.balancer.reject(self, request, request_id, 413,
+            self.balancer.reject(self, request, info.request_id, 413,
                                  f"request body of {length} bytes is larger than "
                                  f"limits.max_body_bytes ({self._limits.max_body_bytes})")
             return
         if self.h11.they_are_waiting_for_100_continue:
-            self._send(h11.InformationalResponse(status_code=100, headers=[]))
-        self.exchange = Exchange(self.balancer, self, request, request_id)
+            self._send(_CONTINUE)
+        self.exchange = Exchange(self.balancer, self, request, info)
         self.exchange.start()
 
     def _bad_request(self, exc: h11.RemoteProtocolError) -> None:
         status = exc.error_status_hint or 400
-        if status == 431:
-            reason = self._head_too_large()
-        else:
-            reason = f"malformed request: {exc}"
+        reason = self._head_too_large() if status == 431 else f"malformed request: {exc}"
         if self.exchange is not None:
             # Broken framing in the middle of a proxied request body.
             self.exchange.client_bad_body(reason)
             return
         if self.h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-            self.balancer.reject(self, None, hdr.request_id(()), status, reason)
+            self.balancer.reject(self, None, hdr.new_request_id(), status, reason)
         else:
             self.close()
 
@@ -225,12 +234,11 @@ class ClientConnection(asyncio.Protocol):
             # The request body is still coming and nobody will read it:
             # this connection cannot carry another request.
             headers.append((b"connection", b"close"))
-        self._send(h11.Response(status_code=status, headers=headers,
-                                reason=reason or _reason(status)))
+        self._send(hdr.response_event(status, headers, reason or _reason(status)))
 
     def send_data(self, data: bytes) -> None:
         if not self._closed:
-            self.transport.writelines(self.h11.send_with_data_passthrough(_Data(data=data)))
+            self._write(self.h11.send_with_data_passthrough(_Data(data=data)))
 
     def send_end(self) -> None:
         if self._closed:
@@ -264,9 +272,8 @@ class ClientConnection(asyncio.Protocol):
     def abort_response(self) -> None:
         """End a response visibly broken: close without finishing the body.
 
-        transport.close() still flushes what was already written, then sends
-        FIN; the client sees a chunked body without its last chunk, or fewer
-        bytes than Content-Length.
+        What was already written is flushed, then FIN; the client sees a
+        chunked body without its last chunk, or fewer bytes than Content-Length.
         """
         self.exchange = None
         self.close()
@@ -281,6 +288,7 @@ class ClientConnection(asyncio.Protocol):
         """
         if self._closed:
             return
+        self._flush()
         self._closed = True
         self._deadline.cancel()
         transport = self.transport
@@ -294,7 +302,7 @@ class ClientConnection(asyncio.Protocol):
         if self._read_block:
             self._read_block = 0
             transport.resume_reading()
-        self.balancer.loop.call_later(LINGER, transport.close)
+        self._loop.call_later(LINGER, transport.close)
 
     # --- flow control
 
@@ -318,7 +326,19 @@ class ClientConnection(asyncio.Protocol):
     # --- internals
 
     def _send(self, event) -> None:
-        self.transport.write(self.h11.send(event))
+        self._write(self.h11.send_with_data_passthrough(event))
+
+    def _write(self, parts: list) -> None:
+        self._out.extend(parts)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._out and not self._closed:
+            out, self._out = self._out, []
+            self.transport.writelines(out)
 
     def _response_complete(self) -> None:
         self.exchange = None
@@ -330,17 +350,21 @@ class ClientConnection(asyncio.Protocol):
         self._waiting_head = True
         self._head_seen = False
         self._head_request = False
+        self._answering = False
+        self._queued_bytes = 0
         self._deadline.set(self._timeouts.idle)
         self._unblock_reading(_PIPELINE | _BACKPRESSURE)
         self._process()  # a pipelined request may already be buffered
 
     def _on_deadline(self) -> None:
         if self.exchange is not None or self._closed:
-            return
-        if self.h11.trailing_data[0]:
+            return  # a request is under way: the exchange keeps time
+        if self._local is not None:
+            self.close()  # a body for a built-in endpoint that never ended
+        elif self.h11.trailing_data[0]:
             # Part of a head arrived but not all of it in time (slowloris).
-            self.balancer.reject(self, None, hdr.request_id(()), 408,
+            self.balancer.reject(self, None, hdr.new_request_id(), 408,
                                  f"request head not received within "
                                  f"timeouts.client_header ({self._timeouts.client_header:g}s)")
-        else:
+        elif self._waiting_head:
             self.close()  # idle keep-alive connection: close quietly

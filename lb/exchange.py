@@ -48,16 +48,17 @@ _EndOfMessage = h11.EndOfMessage()
 class Exchange:
     __slots__ = ("balancer", "client", "request", "request_id", "started", "phase",
                  "backend", "upstream", "_pending", "_pending_bytes", "_request_ended",
-                 "_replay", "_replay_bytes", "_chunked", "_deadline", "_connect_task",
+                 "_replay", "_replay_bytes", "info", "_deadline", "_connect_task",
                  "bytes_in", "bytes_out", "status", "ttfb", "note", "response_started",
                  "_upstream_request", "_reused")
 
     def __init__(self, balancer: "Balancer", client: "ClientConnection",
-                 request: h11.Request, request_id: str):
+                 request: h11.Request, info: hdr.RequestInfo):
         self.balancer = balancer
         self.client = client
         self.request = request
-        self.request_id = request_id
+        self.info = info
+        self.request_id = info.request_id
         self.started = time.monotonic()
         self.phase = CONNECTING
         self.backend: Backend | None = None
@@ -67,7 +68,6 @@ class Exchange:
         self._request_ended = False
         self._replay: list[bytes] | None = []  # body kept for one resend on a stale connection
         self._replay_bytes = 0
-        self._chunked = hdr.is_chunked(request.headers)
         self._deadline = Deadline(balancer.loop, self._on_deadline)
         self._connect_task: asyncio.Task | None = None
         self._upstream_request: h11.Request | None = None
@@ -89,10 +89,12 @@ class Exchange:
         self.backend = backend
         backend.in_flight += 1
         backend.requests += 1
-        self._upstream_request = h11.Request(
-            method=self.request.method, target=self.request.target,
-            headers=hdr.to_backend(self.request.headers, client_ip=self.client.peer_ip,
-                                   request_id=self.request_id, chunked=self._chunked))
+        info = self.info
+        self._upstream_request = hdr.request_event(
+            self.request.method, self.request.target,
+            hdr.to_backend(info.headers, client_ip=self.client.peer_ip,
+                           request_id=self.request_id, chunked=info.chunked,
+                           default_host=backend.host_header))
         conn = backend.pool.acquire()
         if conn is not None:
             self._attach(conn, reused=True)
@@ -226,7 +228,8 @@ class Exchange:
         self._replay = None
         self._enter(RECEIVING)
         self.client.send_response(response.status_code,
-                                  hdr.to_client(response.headers, request_id=self.request_id),
+                                  hdr.to_client(hdr.as_list(response.headers),
+                                                request_id=self.request_id),
                                   response.reason)
 
     def upstream_data(self, data: bytes) -> None:
@@ -270,7 +273,6 @@ class Exchange:
     def _enter(self, phase: int) -> None:
         self.phase = phase
         timeouts = self.balancer.config.timeouts
-        self._deadline.cancel()
         self._deadline.set(timeouts.first_byte if phase == WAITING else timeouts.idle)
 
     def _on_deadline(self) -> None:

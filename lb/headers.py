@@ -7,9 +7,12 @@ must add the X-Forwarded-* trio, and carries one request id end to end.
 
 from __future__ import annotations
 
+import itertools
+import os
 import re
-import uuid
-from typing import Iterable
+from typing import Iterable, NamedTuple
+
+import h11
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -40,17 +43,99 @@ def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[byte
     return frozenset(tokens)
 
 
+# Generated ids: a random per-process prefix and a counter, 32 hex digits.
+# As unique as uuid4 across processes, without a getrandom() call per request.
+_ID_PREFIX = os.urandom(8).hex()
+_id_counter = itertools.count(int.from_bytes(os.urandom(4), "big"))
+
+
+def new_request_id() -> str:
+    return f"{_ID_PREFIX}{next(_id_counter) & 0xFFFFFFFFFFFFFFFF:016x}"
+
+
 def request_id(headers: Iterable[tuple[bytes, bytes]]) -> str:
     """The client's X-Request-ID if usable, else a new one."""
     for name, value in headers:
         if name == b"x-request-id" and _REQUEST_ID.fullmatch(value):
             return value.decode("ascii")
-    return uuid.uuid4().hex
+    return new_request_id()
+
+
+class RequestInfo(NamedTuple):
+    """What the balancer needs from a request head, read in one pass."""
+    headers: Headers            # (lowercased name, value) pairs, in order
+    request_id: str
+    content_length: int | None
+    chunked: bool
+    head_size: int              # bytes of the head as sent, give or take whitespace
+    problem: str | None         # why the framing is ambiguous, if it is
+
+
+def inspect_request(request: h11.Request) -> RequestInfo:
+    headers = as_list(request.headers)
+    rid = None
+    length = None
+    chunked = False
+    size = len(request.method) + len(request.target) + 12  # spaces, version, CRLFs
+    for name, value in headers:
+        size += len(name) + len(value) + 4
+        if name == b"content-length":
+            length = int(value)  # h11 validated it
+        elif name == b"transfer-encoding":
+            chunked = True
+        elif name == b"x-request-id" and rid is None and _REQUEST_ID.fullmatch(value):
+            rid = value.decode("ascii")
+    # h11 rejects conflicting Content-Lengths and unknown transfer codings;
+    # it lets Transfer-Encoding win over Content-Length, which is the classic
+    # request-smuggling shape, so a proxy refuses it outright.
+    problem = ("request has both Content-Length and Transfer-Encoding"
+               if chunked and length is not None else None)
+    return RequestInfo(headers, rid or new_request_id(), length, chunked, size, problem)
+
+
+def as_list(headers: Iterable[tuple[bytes, bytes]]) -> Headers:
+    """h11's Headers as a plain list, cheaply.
+
+    h11.Headers is a Sequence whose iteration goes through the ABC's
+    __getitem__ per item; its private list is read directly when present.
+    """
+    full = getattr(headers, "_full_items", None)
+    if full is not None:
+        return [(name, value) for _, name, value in full]
+    return list(headers)
+
+
+def _trusted(cls, **fields):
+    """Build an h11 event without re-validating header bytes.
+
+    Every header we send came out of h11's parser (already validated) or is a
+    constant/ASCII value of ours, so h11's per-header regex checks would only
+    repeat work; `_parsed` is h11's own flag for that.  Falls back to the
+    public constructor if a future h11 drops the flag.
+    """
+    try:
+        return cls(**fields, _parsed=True)
+    except TypeError:
+        return cls(**fields)
+
+
+def request_event(method: bytes, target: bytes, headers: Headers) -> h11.Request:
+    return _trusted(h11.Request, method=method, target=target, headers=headers,
+                    http_version=b"1.1")
+
+
+def response_event(status: int, headers: Headers, reason: bytes) -> h11.Response:
+    return _trusted(h11.Response, status_code=status, headers=headers, reason=reason,
+                    http_version=b"1.1")
 
 
 def to_backend(headers: Headers, *, client_ip: str, request_id: str,
-               chunked: bool) -> Headers:
-    """Headers for the request we send upstream."""
+               chunked: bool, default_host: bytes = b"") -> Headers:
+    """Headers for the request we send upstream.
+
+    The client's Host is passed through (as HAProxy does); a request without
+    one (HTTP/1.0) gets `default_host`, since HTTP/1.1 requires it.
+    """
     listed = _connection_tokens(headers)
     out: Headers = []
     forwarded_for: list[bytes] = []
@@ -68,6 +153,8 @@ def to_backend(headers: Headers, *, client_ip: str, request_id: str,
         elif chunked and name == b"content-length":
             continue  # cannot happen after the framing check; never forward both
         out.append((name, value))
+    if host is None and default_host:
+        out.insert(0, (b"host", default_host))
     forwarded_for.append(client_ip.encode("ascii"))
     out.append((b"x-forwarded-for", b", ".join(forwarded_for)))
     out.append((b"x-forwarded-proto", b"http"))
@@ -97,35 +184,6 @@ def to_client(headers: Headers, *, request_id: str) -> Headers:
         out.append((name, value))
     out.append((b"x-request-id", request_id.encode("ascii")))
     return out
-
-
-def framing_problem(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
-    """Why a request's body framing is ambiguous, or None if it is clear.
-
-    h11 already rejects conflicting Content-Lengths and unknown transfer
-    codings; it lets Transfer-Encoding win over Content-Length, which is the
-    classic request-smuggling shape, so a proxy refuses it outright.
-    """
-    has_length = has_chunked = False
-    for name, _ in headers:
-        if name == b"content-length":
-            has_length = True
-        elif name == b"transfer-encoding":
-            has_chunked = True
-    if has_length and has_chunked:
-        return "request has both Content-Length and Transfer-Encoding"
-    return None
-
-
-def content_length(headers: Iterable[tuple[bytes, bytes]]) -> int | None:
-    for name, value in headers:
-        if name == b"content-length":
-            return int(value)  # h11 validated it
-    return None
-
-
-def is_chunked(headers: Iterable[tuple[bytes, bytes]]) -> bool:
-    return any(name == b"transfer-encoding" for name, _ in headers)
 
 
 def wants_html(headers: Iterable[tuple[bytes, bytes]]) -> bool:

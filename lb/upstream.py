@@ -29,10 +29,14 @@ _NEED_DATA = h11.NEED_DATA
 
 class UpstreamConnection(asyncio.Protocol):
     __slots__ = ("pool", "h11", "transport", "owner", "usable", "idle_since",
-                 "write_paused", "_high", "_reading_paused")
+                 "write_paused", "_high", "_reading_paused", "_loop", "_out", "_flush_scheduled")
 
-    def __init__(self, pool: "UpstreamPool", *, max_header_bytes: int, write_buffer_high: int):
+    def __init__(self, pool: "UpstreamPool", loop: asyncio.AbstractEventLoop, *,
+                 max_header_bytes: int, write_buffer_high: int):
         self.pool = pool
+        self._loop = loop
+        self._out: list[bytes] = []  # coalesced writes (head, body, end), flushed once per tick
+        self._flush_scheduled = False
         self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=max_header_bytes)
         self.transport: asyncio.Transport | None = None
         self.owner: Any = None
@@ -92,10 +96,23 @@ class UpstreamConnection(asyncio.Protocol):
     # --- used by the exchange
 
     def send(self, event: Any) -> None:
-        self.transport.writelines(self.h11.send_with_data_passthrough(event))
+        self._write(self.h11.send_with_data_passthrough(event))
 
     def send_data(self, data: bytes) -> None:
-        self.transport.writelines(self.h11.send_with_data_passthrough(_Data(data=data)))
+        self._write(self.h11.send_with_data_passthrough(_Data(data=data)))
+
+    def _write(self, parts: list) -> None:
+        self._out.extend(parts)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if self._out:
+            out, self._out = self._out, []
+            if not self.transport.is_closing():
+                self.transport.writelines(out)
 
     def pause_reading(self) -> None:
         if not self._reading_paused and self.transport is not None and not self.transport.is_closing():
@@ -121,12 +138,14 @@ class UpstreamConnection(asyncio.Protocol):
         self.usable = False
         self.owner = None
         if self.transport is not None:
+            self._flush()
             self.transport.close()
 
     def abort(self) -> None:
         """Drop the connection at once (the backend sees it close; a GPU slot frees)."""
         self.usable = False
         self.owner = None
+        self._out = []
         if self.transport is not None:
             self.transport.abort()
 

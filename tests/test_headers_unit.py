@@ -8,11 +8,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import h11
+
 from lb.headers import (
-    content_length,
-    framing_problem,
-    is_chunked,
+    as_list,
+    inspect_request,
+    request_event,
     request_id,
+    response_event,
     to_backend,
     to_client,
     wants_html,
@@ -188,25 +191,61 @@ def test_request_id_other_header_names_ignored():
 # --- framing and small helpers
 
 
-def test_framing_problem_flags_cl_and_te():
-    assert framing_problem([(b"content-length", b"3"), (b"transfer-encoding", b"chunked")])
-    assert framing_problem([(b"transfer-encoding", b"chunked"), (b"host", b"h"),
-                            (b"content-length", b"3")])
+def _request(headers):
+    """A request as h11's parser would hand it over (the framing h11 allows)."""
+    return h11.Request(method=b"POST", target=b"/v1/audio/speech",
+                       headers=[(b"host", b"h"), *headers])
 
 
-@pytest.mark.parametrize("headers", [
-    [], [(b"content-length", b"3")], [(b"transfer-encoding", b"chunked")],
-    [(b"content-length", b"3"), (b"content-length", b"3")], [(b"host", b"h")],
+def test_inspect_request_flags_cl_and_te():
+    # h11 itself lets Transfer-Encoding win; the balancer refuses the pair.
+    for headers in ([(b"content-length", b"3"), (b"transfer-encoding", b"chunked")],
+                    [(b"transfer-encoding", b"chunked"), (b"content-length", b"3")]):
+        assert "Content-Length and Transfer-Encoding" in inspect_request(_request(headers)).problem
+
+
+@pytest.mark.parametrize("headers, length, chunked", [
+    ([], None, False),
+    ([(b"content-length", b"3")], 3, False),
+    ([(b"transfer-encoding", b"chunked")], None, True),
+    ([(b"content-length", b"3"), (b"content-length", b"3")], 3, False),
 ])
-def test_framing_problem_none_when_clear(headers):
-    assert framing_problem(headers) is None
+def test_inspect_request_framing(headers, length, chunked):
+    info = inspect_request(_request(headers))
+    assert info.problem is None
+    assert info.content_length == length and info.chunked is chunked
+
+
+def test_inspect_request_id_and_head_size():
+    request = _request([(b"x-request-id", b"call-7"), (b"x-pad", b"p" * 1000)])
+    info = inspect_request(request)
+    assert info.request_id == "call-7"
+    wire = h11.Connection(h11.CLIENT).send(request)
+    assert abs(info.head_size - len(wire)) <= 4
+    assert info.headers == as_list(request.headers) == list(request.headers)
+    assert HEX32.fullmatch(inspect_request(_request([(b"x-request-id", b"bad id")])).request_id)
+
+
+def test_trusted_events_serialise_like_validated_ones():
+    headers = [(b"host", b"h"), (b"x-a", b"1")]
+    assert (h11.Connection(h11.CLIENT).send(request_event(b"GET", b"/x", headers))
+            == h11.Connection(h11.CLIENT).send(h11.Request(method=b"GET", target=b"/x",
+                                                           headers=headers)))
+    server = h11.Connection(h11.SERVER)
+    server.receive_data(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+    server.next_event()
+    response = response_event(200, [(b"content-length", b"0")], b"OK")
+    assert server.send(response).startswith(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n")
+
+
+def test_to_backend_adds_host_when_client_sent_none():
+    out = to_backend([(b"accept", b"*/*")], client_ip="127.0.0.1", request_id="r",
+                     chunked=False, default_host=b"127.0.0.1:6093")
+    assert out[0] == (b"host", b"127.0.0.1:6093")
+    assert b"x-forwarded-host" not in [n for n, _ in out]
 
 
 def test_small_helpers():
-    assert content_length([(b"host", b"h"), (b"content-length", b"42")]) == 42
-    assert content_length([(b"host", b"h")]) is None
-    assert is_chunked([(b"transfer-encoding", b"chunked")])
-    assert not is_chunked([(b"content-length", b"1")])
     assert wants_html([(b"accept", b"text/html,application/xhtml+xml")])
     assert not wants_html([(b"accept", b"application/json")])
     assert not wants_html([])
