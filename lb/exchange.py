@@ -289,11 +289,7 @@ class Exchange:
         elif self.phase == RECEIVING:
             if self.client.write_paused:
                 # The client stopped reading; the backend is not at fault.
-                self.note = f"client read nothing for {timeouts.idle:g}s"
-                if self.upstream is not None:
-                    self.upstream.abort()
-                self._finish()
-                self.client.abort_response()
+                self._abandon(504, f"client read nothing for {timeouts.idle:g}s")
             else:
                 self._fail("idle_timeout", 504, f"backend {self.backend.name} sent nothing for "
                            f"{timeouts.idle:g}s in the middle of the response")
@@ -305,18 +301,15 @@ class Exchange:
         if self.phase == DONE:
             return
         self.backend.record_failure(kind, reason)
-        self.note = reason
-        if self.upstream is not None:
-            self.upstream.abort()
-            self.upstream = None
-        if self.response_started:
-            self._finish()
-            self.client.abort_response()
-        else:
-            self._answer_error(status, reason)
+        self._abandon(status, reason)
 
     def _client_error(self, status: int, reason: str) -> None:
         """The client broke the rules mid-request: answer if we still can, drop the backend."""
+        self._abandon(status, reason, close=True)
+
+    def _abandon(self, status: int, reason: str, close: bool = False) -> None:
+        """Drop the backend connection; answer `status` if nothing was sent yet,
+        else end the client's response visibly broken."""
         self.note = reason
         if self.upstream is not None:
             self.upstream.abort()
@@ -325,7 +318,7 @@ class Exchange:
             self._finish()
             self.client.abort_response()
         else:
-            self._answer_error(status, reason, close=True)
+            self._answer_error(status, reason, close=close)
 
     def _answer_error(self, status: int, reason: str, close: bool = False) -> None:
         self.status = status

@@ -208,3 +208,27 @@ def test_balancer_survives_all_of_it(lb):
     conn.request("GET", "/")
     assert conn.getresponse().read() == b"ok\n"
     assert "Traceback" not in lb.output()
+
+
+def test_client_stalling_mid_upload_gets_408_and_frees_the_backend(start_backend, start_lb):
+    backend = start_backend()
+    lb = start_lb([backend.url], timeouts={"idle": 0.5})
+    with connect(lb.port) as sock:
+        sock.sendall(b"POST /headers HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789")
+        resp = RawReader(sock).response()
+    _assert_json_error(resp, 408, "no request body")
+    wait_until(lambda: backend.stats()["requests_in_flight"] == 0, what="backend request freed")
+
+
+def test_client_that_stops_reading_is_cut_after_idle_and_frees_the_backend(start_backend, start_lb):
+    backend = start_backend()
+    lb = start_lb([backend.url], timeouts={"idle": 0.5})
+    with connect(lb.port) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        sock.sendall(b"GET /bytes?n=268435456 HTTP/1.1\r\nHost: x\r\n\r\n")
+        wait_until(lambda: backend.stats()["requests_in_flight"] == 1, what="request at the backend")
+        wait_until(lambda: backend.stats()["requests_in_flight"] == 0, timeout=10,
+                   what="backend request freed while the client reads nothing")
+    line = lb.wait_for_line(r"path=\"/bytes").string
+    assert "client read nothing" in line
+    assert lb.stats()["backends"][0]["errors"] == 0  # not the backend's fault

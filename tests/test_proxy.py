@@ -171,3 +171,12 @@ def test_curl_streams_and_uploads_with_expect_continue(lb, tmp_path):
     code, ttfb = trailer.split()
     assert code == b"200"
     assert float(ttfb) < 0.9, "curl waited for its 1 s Expect timeout: no 100 Continue was sent"
+
+
+def test_http10_request_without_host_gets_one_for_the_backend(lb, backend):
+    with connect(lb.port) as sock:
+        sock.sendall(b"GET /headers HTTP/1.0\r\n\r\n")
+        resp = RawReader(sock).response()
+    assert resp.status == 200
+    seen = dict(resp.json()["headers"])
+    assert seen["host"] == f"127.0.0.1:{backend.port}"
