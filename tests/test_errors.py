@@ -22,6 +22,12 @@ def _assert_json_error(resp, status: int, *words: str) -> dict:
     return body
 
 
+def _dead_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"  # closed again: nobody listens
+
+
 # --- the client's mistakes
 
 def test_malformed_request_line_is_400(lb):
@@ -99,10 +105,7 @@ def test_idle_connection_without_request_is_closed_quietly(start_backend, start_
 # --- the backend's failures
 
 def test_refused_connection_is_502(start_lb):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead_port = s.getsockname()[1]  # closed again: nobody listens there
-    lb = start_lb([f"http://127.0.0.1:{dead_port}"])
+    lb = start_lb([_dead_url()])
     resp = raw_request(lb.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     _assert_json_error(resp, 502, "cannot connect")
     entry = lb.stats()["backends"][0]
@@ -232,3 +235,27 @@ def test_client_that_stops_reading_is_cut_after_idle_and_frees_the_backend(start
     line = lb.wait_for_line(r"path=\"/bytes").string
     assert "client read nothing" in line
     assert lb.stats()["backends"][0]["errors"] == 0  # not the backend's fault
+
+
+def test_health_is_503_once_every_backend_keeps_failing(start_lb):
+    lb = start_lb([_dead_url()])
+    assert raw_request(lb.port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n").status == 200
+    for _ in range(3):
+        raw_request(lb.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    resp = raw_request(lb.port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert resp.status == 503 and resp.json()["status"] == "unavailable"
+    assert lb.stats()["backends"][0]["state"] == "down"
+
+
+def test_a_failing_backend_is_avoided_once_down(start_backend, start_lb):
+    live = start_backend()
+    lb = start_lb([_dead_url(), live.url])
+    statuses = [raw_request(lb.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").status
+                for _ in range(30)]
+    # Until three failures mark it down, some calls land on the dead backend;
+    # after that, none do.
+    assert statuses.count(502) == 3
+    assert statuses[-10:] == [200] * 10
+    dead, alive = lb.stats()["backends"]
+    assert dead["state"] == "down" and alive["state"] == "up"
+    assert raw_request(lb.port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n").status == 200
