@@ -109,7 +109,8 @@ class Listener:
     async def _attach(self, conn: socket.socket) -> None:
         try:
             await self._loop.connect_accepted_socket(self._factory, sock=conn)
-        except OSError:
+        except Exception as exc:  # never leak a slot of the cap
+            log.warning("could not set up an accepted connection: %s", exc)
             conn.close()
             self.connection_closed()
 
