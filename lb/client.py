@@ -19,6 +19,8 @@ iteration, instead of one system call per h11 event.
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 from http import HTTPStatus
 from typing import TYPE_CHECKING
 
@@ -46,6 +48,18 @@ _NEED_DATA = h11.NEED_DATA
 _PAUSED = h11.PAUSED
 _END = h11.EndOfMessage()
 _CONTINUE = h11.InformationalResponse(status_code=100, headers=[])
+_REQUEST_COMPLETE = (h11.DONE, h11.MIGHT_SWITCH_PROTOCOL)
+
+
+def _reset(transport: asyncio.Transport) -> None:
+    """Close with an RST, not a FIN (abort() alone still sends FIN)."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+    transport.abort()
 
 
 def _reason(status: int) -> bytes:
@@ -59,7 +73,7 @@ class ClientConnection(asyncio.Protocol):
     __slots__ = ("balancer", "h11", "transport", "peer_ip", "exchange", "write_paused",
                  "_loop", "_read_block", "_deadline", "_processing", "_closed",
                  "_waiting_head", "_head_seen", "_head_request", "_local", "_limits",
-                 "_timeouts", "_out", "_flush_scheduled", "_answering", "_queued_bytes")
+                 "_timeouts", "_out", "_flush_scheduled", "_answering")
 
     def __init__(self, balancer: "Balancer"):
         self.balancer = balancer
@@ -82,7 +96,6 @@ class ClientConnection(asyncio.Protocol):
         self._out: list[bytes] = []  # coalesced writes, flushed once per loop iteration
         self._flush_scheduled = False
         self._answering = False     # a complete request awaits its response (h11 PAUSED)
-        self._queued_bytes = 0      # bytes received behind it meanwhile
 
     # --- asyncio callbacks
 
@@ -105,10 +118,7 @@ class ClientConnection(asyncio.Protocol):
             self._deadline.set(self._timeouts.client_header)
         self.h11.receive_data(data)
         if self._answering:
-            # Pipelined bytes wait in h11's buffer; bound how many.
-            self._queued_bytes += len(data)
-            if self._queued_bytes > self._limits.max_header_bytes:
-                self._block_reading(_PIPELINE)
+            self._limit_pipeline()
             return
         self._process()
 
@@ -168,12 +178,18 @@ class ClientConnection(asyncio.Protocol):
                         self.balancer.local_request(self, *local)
                 elif event is _PAUSED:
                     self._answering = True
+                    self._limit_pipeline()
                     return
                 else:  # ConnectionClosed (not fed to h11 today: we close on EOF)
                     self.close()
                     return
         finally:
             self._processing = False
+
+    def _limit_pipeline(self) -> None:
+        """Pipelined requests wait in h11's buffer: stop reading past a head's worth."""
+        if len(self.h11.trailing_data[0]) > self._limits.max_header_bytes:
+            self._block_reading(_PIPELINE)
 
     def _on_request(self, request: h11.Request) -> None:
         # The keep-alive/head deadline is left to fire and find a request
@@ -212,7 +228,9 @@ class ClientConnection(asyncio.Protocol):
         self.exchange.start()
 
     def _bad_request(self, exc: h11.RemoteProtocolError) -> None:
-        status = exc.error_status_hint or 400
+        # h11 hints 501 for transfer codings it does not know or repeated
+        # Transfer-Encoding headers: ambiguous framing, a 400 for a proxy.
+        status = 431 if exc.error_status_hint == 431 else 400
         reason = self._head_too_large() if status == 431 else f"malformed request: {exc}"
         if self.exchange is not None:
             # Broken framing in the middle of a proxied request body.
@@ -230,7 +248,9 @@ class ClientConnection(asyncio.Protocol):
     # --- responses (used by the exchange and the balancer)
 
     def send_response(self, status: int, headers: hdr.Headers, reason: bytes = b"") -> None:
-        if self.h11.their_state is not h11.DONE:
+        # MIGHT_SWITCH_PROTOCOL: a complete request that offered an Upgrade,
+        # which this (non-101) answer declines; h11 then counts it as DONE.
+        if self.h11.their_state not in _REQUEST_COMPLETE:
             # The request body is still coming and nobody will read it:
             # this connection cannot carry another request.
             headers.append((b"connection", b"close"))
@@ -274,8 +294,17 @@ class ClientConnection(asyncio.Protocol):
 
         What was already written is flushed, then FIN; the client sees a
         chunked body without its last chunk, or fewer bytes than Content-Length.
+        An HTTP/1.0 client reads a body without Content-Length until the
+        connection closes, where FIN would look like a normal end: it gets a
+        reset instead.
         """
         self.exchange = None
+        if self.h11.their_http_version == b"1.0" and not self._closed:
+            self._closed = True
+            self._deadline.cancel()
+            self._out = []
+            _reset(self.transport)
+            return
         self.close()
 
     def close(self) -> None:
@@ -302,7 +331,22 @@ class ClientConnection(asyncio.Protocol):
         if self._read_block:
             self._read_block = 0
             transport.resume_reading()
-        self._loop.call_later(LINGER, transport.close)
+        self._loop.call_later(LINGER, self._end_linger, LINGER)
+
+    def _end_linger(self, waited: float) -> None:
+        """After LINGER: close.  If what we wrote is still not read, give the
+        client up to `timeouts.idle` in all, then drop the connection: a peer
+        that never reads must not hold a descriptor and a slot for ever
+        (transport.close() alone waits for the write buffer to drain)."""
+        transport = self.transport
+        if transport.is_closing():
+            transport.abort()   # close() is already waiting on an undrained buffer
+        elif transport.get_write_buffer_size() == 0:
+            transport.close()
+        elif waited >= self._timeouts.idle:
+            transport.abort()
+        else:
+            self._loop.call_later(LINGER, self._end_linger, waited + LINGER)
 
     # --- flow control
 
@@ -348,11 +392,13 @@ class ClientConnection(asyncio.Protocol):
             return
         h.start_next_cycle()
         self._waiting_head = True
-        self._head_seen = False
         self._head_request = False
         self._answering = False
-        self._queued_bytes = 0
-        self._deadline.set(self._timeouts.idle)
+        # Part of the next head may be here already (pipelining): then it is
+        # already on the head's clock, not the keep-alive one.
+        self._head_seen = bool(h.trailing_data[0])
+        self._deadline.set(self._timeouts.client_header if self._head_seen
+                           else self._timeouts.idle)
         self._unblock_reading(_PIPELINE | _BACKPRESSURE)
         self._process()  # a pipelined request may already be buffered
 

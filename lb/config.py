@@ -269,6 +269,10 @@ def _backend_url(key: str, url: Any) -> tuple[str, int]:
         raise ConfigError(key, f"scheme must be http (got {parts.scheme or 'none'!r} in {url!r})")
     if not parts.hostname:
         raise ConfigError(key, f"no host in URL {url!r}")
+    try:
+        parts.hostname.encode("idna")
+    except UnicodeError:
+        raise ConfigError(key, f"invalid host name {parts.hostname!r} in {url!r}") from None
     if parts.path not in ("", "/") or parts.query or parts.fragment or "@" in parts.netloc:
         raise ConfigError(key, f"must be scheme://host:port only, got {url!r}")
     if port == 0:

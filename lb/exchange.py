@@ -38,9 +38,17 @@ if TYPE_CHECKING:
 
 CONNECTING, SENDING, WAITING, RECEIVING, DONE = range(5)
 
-# A request whose body fits in this many bytes can be sent again when a pooled
-# connection turns out to have been closed by the backend (the keep-alive race).
+# The keep-alive race: a backend closes an idle pooled connection just as we
+# send a request on it.  Such a request was never processed, so it is sent
+# again once on a fresh connection, if its body (up to REPLAY_LIMIT bytes) is
+# still at hand and the loss came within REPLAY_WINDOW seconds of sending.
+# A later loss means the backend may have worked on it: that is a failure.
 REPLAY_LIMIT = 64 * 1024
+REPLAY_WINDOW = 0.25
+
+# While connecting, a backstop beyond timeouts.connect in case the connect
+# task dies in a way nobody foresaw: the request must not hang.
+CONNECT_BACKSTOP = 1.0
 
 _EndOfMessage = h11.EndOfMessage()
 
@@ -50,7 +58,7 @@ class Exchange:
                  "backend", "upstream", "_pending", "_pending_bytes", "_request_ended",
                  "_replay", "_replay_bytes", "info", "_deadline", "_connect_task",
                  "bytes_in", "bytes_out", "status", "ttfb", "note", "response_started",
-                 "_upstream_request", "_reused")
+                 "_upstream_request", "_reused", "_sent_at", "_resend_body")
 
     def __init__(self, balancer: "Balancer", client: "ClientConnection",
                  request: h11.Request, info: hdr.RequestInfo):
@@ -72,6 +80,8 @@ class Exchange:
         self._connect_task: asyncio.Task | None = None
         self._upstream_request: h11.Request | None = None
         self._reused = False
+        self._sent_at = 0.0                   # when the request went out on `upstream`
+        self._resend_body: list[bytes] = []   # what a resend replays before `_pending`
         self.bytes_in = 0                     # request body bytes from the client
         self.bytes_out = 0                    # response body bytes to the client
         self.status = 0                       # what the client got (499: it left)
@@ -101,12 +111,13 @@ class Exchange:
         else:
             self._connect()
 
-    def _connect(self, resend: bool = False) -> None:
+    def _connect(self) -> None:
         self.phase = CONNECTING
-        self._deadline.cancel()  # the pool bounds connecting with timeouts.connect
-        self._connect_task = self.balancer.loop.create_task(self._open_connection(resend))
+        # The pool bounds connecting with timeouts.connect; this is the backstop.
+        self._deadline.set(self.balancer.config.timeouts.connect + CONNECT_BACKSTOP)
+        self._connect_task = self.balancer.loop.create_task(self._open_connection())
 
-    async def _open_connection(self, resend: bool) -> None:
+    async def _open_connection(self) -> None:
         backend = self.backend
         try:
             conn = await backend.pool.connect()
@@ -121,20 +132,29 @@ class Exchange:
             self._fail("connect", 502, f"cannot connect to backend {backend.name}: "
                        f"{exc.strerror or exc}")
             return
+        except Exception as exc:  # e.g. a host name that cannot be encoded
+            self._connect_task = None
+            self._fail("connect", 502, f"cannot connect to backend {backend.name}: {exc!r}")
+            return
         self._connect_task = None
         if self.phase == DONE:       # the client left while we were connecting
             backend.pool.release(conn)
             return
-        self._attach(conn, reused=False, resend=resend)
+        self._attach(conn, reused=False)
 
-    def _attach(self, conn: "UpstreamConnection", *, reused: bool, resend: bool = False) -> None:
+    def _attach(self, conn: "UpstreamConnection", *, reused: bool) -> None:
         self.upstream = conn
         conn.owner = self
         self._reused = reused
+        if not reused:
+            self._replay = None  # a fresh connection is never part of the race
+        self._sent_at = time.monotonic()
         conn.send(self._upstream_request)
-        # A resend replays the whole body so far (which includes anything that
-        # arrived while reconnecting); a first send has only `_pending`.
-        for chunk in (self._replay if resend else self._pending):
+        # A resend first replays what the lost connection had been sent.
+        for chunk in self._resend_body:
+            conn.send_data(chunk)
+        self._resend_body = []
+        for chunk in self._pending:
             conn.send_data(chunk)
         self._pending.clear()
         self._pending_bytes = 0
@@ -253,11 +273,12 @@ class Exchange:
         if self.phase == DONE:
             return
         self.upstream = None
-        if not self.response_started and self._reused and self._replay is not None:
-            # The pooled connection was closed by the backend as we reused it:
-            # nothing was answered, the body is still here, so try once more on
-            # a fresh connection.  Only once: a second loss is the backend's.
-            self._connect(resend=True)
+        if (not self.response_started and self._reused and self._replay is not None
+                and time.monotonic() - self._sent_at < REPLAY_WINDOW):
+            # The keep-alive race (see REPLAY_WINDOW): send it again on a
+            # fresh connection.  Only once: a second loss is the backend's.
+            self._resend_body, self._replay = self._replay, None
+            self._connect()
             return
         if self.response_started:
             self._fail("reset", 502, "backend closed the connection in the middle of the response")
@@ -277,7 +298,10 @@ class Exchange:
 
     def _on_deadline(self) -> None:
         timeouts = self.balancer.config.timeouts
-        if self.phase == SENDING:
+        if self.phase == CONNECTING:
+            self._fail("connect_timeout", 504, f"backend {self.backend.name} did not accept "
+                       f"a connection within {timeouts.connect:g}s")
+        elif self.phase == SENDING:
             if self.upstream is not None and self.upstream.write_paused:
                 self._fail("idle_timeout", 504, f"backend {self.backend.name} stopped reading "
                            f"the request body for {timeouts.idle:g}s")
@@ -337,6 +361,7 @@ class Exchange:
             self._connect_task = None
         self._pending.clear()
         self._replay = None
+        self._resend_body = []
         backend = self.backend
         if backend is not None:
             backend.in_flight -= 1

@@ -34,13 +34,18 @@ _REPLACED_UPSTREAM = frozenset({
 _REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,128}")
 
 
+# Never dropped because Connection names them: they frame the message or
+# route it, and dropping them would desynchronise the two sides.
+_NOT_LISTABLE = frozenset({b"content-length", b"transfer-encoding", b"host"})
+
+
 def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
     """Header names listed in Connection: they are hop-by-hop too."""
     tokens = set()
     for name, value in headers:
         if name == b"connection":
             tokens.update(t.strip().lower() for t in value.split(b","))
-    return frozenset(tokens)
+    return frozenset(tokens - _NOT_LISTABLE)
 
 
 # Generated ids: a random per-process prefix and a counter, 32 hex digits.

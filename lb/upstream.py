@@ -130,6 +130,11 @@ class UpstreamConnection(asyncio.Protocol):
         self.resume_reading()
         h = self.h11
         if self.usable and h.our_state is h11.DONE and h.their_state is h11.DONE:
+            leftover, closed = h.trailing_data
+            if leftover or closed:
+                # Bytes after the end of the response would be read as the
+                # answer to the next request on this connection.
+                return False
             h.start_next_cycle()
             return True
         return False

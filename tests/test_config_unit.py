@@ -600,3 +600,9 @@ def test_check_shipped_config_exits_0():
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""
     assert "ok (2 backend(s), listen 0.0.0.0:6095)" in proc.stdout
+
+
+def test_backend_host_that_cannot_be_encoded_is_rejected():
+    with pytest.raises(ConfigError) as info:
+        parse({"backend": [{"name": "a", "url": "http://a..b:8080"}]})
+    assert info.value.key == "backend[0].url" and "invalid host name" in info.value.reason

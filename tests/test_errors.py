@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import http.client
+import json
 import socket
+import threading
 import time
 
 import pytest
@@ -232,6 +234,10 @@ def test_client_that_stops_reading_is_cut_after_idle_and_frees_the_backend(start
         wait_until(lambda: backend.stats()["requests_in_flight"] == 1, what="request at the backend")
         wait_until(lambda: backend.stats()["requests_in_flight"] == 0, timeout=10,
                    what="backend request freed while the client reads nothing")
+        # The connection itself is dropped too (after the linger), so a peer
+        # that never reads cannot hold a descriptor and a slot of the cap.
+        wait_until(lambda: lb.stats()["connections"]["open"] == 1, timeout=10,
+                   what="the non-reading client's connection closed")
     line = lb.wait_for_line(r"path=\"/bytes").string
     assert "client read nothing" in line
     assert lb.stats()["backends"][0]["errors"] == 0  # not the backend's fault
@@ -259,3 +265,127 @@ def test_a_failing_backend_is_avoided_once_down(start_backend, start_lb):
     dead, alive = lb.stats()["backends"]
     assert dead["state"] == "down" and alive["state"] == "up"
     assert raw_request(lb.port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n").status == 200
+
+
+@pytest.mark.parametrize("framing", [
+    b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n",
+    b"Transfer-Encoding: gzip, chunked\r\n",
+    b"Content-Length: 5\r\nContent-Length: 6\r\n",
+])
+def test_ambiguous_or_unsupported_framing_is_400(lb, framing):
+    resp = raw_request(lb.port, b"POST /headers HTTP/1.1\r\nHost: x\r\n" + framing + b"\r\n")
+    _assert_json_error(resp, 400, "malformed")
+
+
+def test_http10_client_sees_a_reset_when_the_backend_dies_mid_body(lb):
+    # An HTTP/1.0 client reads to the end of the connection: a FIN would make
+    # the cut-short body look complete, so it must get a reset.
+    with connect(lb.port) as sock:
+        sock.sendall(b"GET /die-mid-body?after=5000&chunked=1 HTTP/1.0\r\n\r\n")
+        received = b""
+        with pytest.raises(ConnectionResetError):
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                received += data
+    assert received.startswith(b"HTTP/1.1 200")
+
+
+def test_connection_header_cannot_strip_content_length(lb):
+    conn = http.client.HTTPConnection("127.0.0.1", lb.port, timeout=5)
+    conn.request("POST", "/headers", body=b"hello",
+                 headers={"Connection": "keep-alive, Content-Length"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    assert json.loads(resp.read())["body_bytes"] == 5
+    conn.close()
+
+
+def test_post_lost_after_the_backend_worked_on_it_is_not_sent_twice(start_lb):
+    # The backend takes a POST on a pooled connection, "works" on it for
+    # longer than the keep-alive race window, then crashes: that is a 502,
+    # never a silent second run of the same job.
+    seen = []
+
+    def handle(conn, index):
+        buf = b""
+        while True:
+            while b"\r\n\r\n" not in buf:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                buf += data
+            head, _, buf = buf.partition(b"\r\n\r\n")
+            seen.append(head.split(b"\r\n", 1)[0])
+            if head.startswith(b"POST"):
+                time.sleep(0.6)
+                return  # crash: close without answering
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    backend = _ScriptedBackend(handle)
+    try:
+        lb = start_lb([f"http://127.0.0.1:{backend.port}"])
+        assert raw_request(lb.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").status == 200
+        resp = raw_request(lb.port, b"POST /v1/tts HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+        _assert_json_error(resp, 502, "closed the connection before answering")
+        assert seen.count(b"POST /v1/tts HTTP/1.1") == 1
+    finally:
+        backend.close()
+
+
+def test_bytes_after_a_response_never_reach_the_next_request(start_lb):
+    # A backend that writes garbage after a complete response: the pooled
+    # connection must not be reused, or the next caller would get it.
+    def handle(conn, index):
+        buf = b""
+        while b"\r\n\r\n" not in buf:
+            data = conn.recv(65536)
+            if not data:
+                return
+            buf += data
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+                     b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nEVIL!")
+        conn.recv(65536)
+
+    backend = _ScriptedBackend(handle)
+    try:
+        lb = start_lb([f"http://127.0.0.1:{backend.port}"])
+        for _ in range(3):
+            resp = raw_request(lb.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert (resp.status, resp.body) == (200, b"ok")
+    finally:
+        backend.close()
+
+
+class _ScriptedBackend:
+    """A raw TCP backend: `handle(conn, index)` runs per accepted connection."""
+
+    def __init__(self, handle):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self._handle = handle
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        index = 0
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._run, args=(conn, index), daemon=True).start()
+            index += 1
+
+    def _run(self, conn, index):
+        with conn:
+            conn.settimeout(5)
+            try:
+                self._handle(conn, index)
+            except OSError:
+                pass
+
+    def close(self):
+        self.sock.close()

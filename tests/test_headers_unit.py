@@ -277,11 +277,20 @@ header_lists = st.lists(
 
 
 def listed_in_connection(headers) -> set[bytes]:
+    """Names Connection makes hop-by-hop; framing and routing headers never are."""
     out = set()
     for name, value in headers:
         if name == b"connection":
             out.update(t.strip().lower() for t in value.split(b","))
-    return out
+    return out - {b"content-length", b"transfer-encoding", b"host"}
+
+
+def test_connection_cannot_make_framing_or_host_hop_by_hop():
+    headers = [(b"host", b"h"), (b"connection", b"content-length, host"),
+               (b"content-length", b"5")]
+    out = to_backend(headers, client_ip="127.0.0.1", request_id="r", chunked=False)
+    assert (b"content-length", b"5") in out and (b"host", b"h") in out
+    assert (b"content-length", b"5") in to_client(headers, request_id="r")
 
 
 @settings(max_examples=150, deadline=None)

@@ -6,6 +6,7 @@ import http.client
 import json
 import shutil
 import subprocess
+import threading
 
 import pytest
 
@@ -180,3 +181,33 @@ def test_http10_request_without_host_gets_one_for_the_backend(lb, backend):
     assert resp.status == 200
     seen = dict(resp.json()["headers"])
     assert seen["host"] == f"127.0.0.1:{backend.port}"
+
+
+def test_request_offering_an_upgrade_keeps_the_connection_alive(lb):
+    # curl --http2 on http:// offers h2c; the answer is a plain 200 and the
+    # connection stays usable.
+    with connect(lb.port) as sock:
+        reader = RawReader(sock)
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+                     b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n")
+        first = reader.response()
+        assert first.status == 200 and first.header("connection") is None
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert reader.response().body == b"ok\n"
+
+
+def test_pipelined_flood_is_read_no_faster_than_it_is_answered(lb):
+    # 10 MB of pipelined requests: the balancer must stop reading while it
+    # answers, not pile them all up in memory.
+    count, pad = 10_000, b"p" * 1000
+    request = b"GET / HTTP/1.1\r\nHost: x\r\nX-Pad: " + pad + b"\r\n\r\n"
+    rss_before = lb.rss_kib("VmRSS")
+    with connect(lb.port, timeout=30) as sock:
+        sender = threading.Thread(target=lambda: sock.sendall(request * count))
+        sender.start()
+        reader = RawReader(sock)
+        for _ in range(count):
+            assert reader.response().status == 200
+        sender.join(30)
+    growth_mib = (lb.rss_kib("VmHWM") - rss_before) / 1024
+    assert growth_mib < 5, f"balancer memory grew {growth_mib:.1f} MiB for 10 MB of pipelined requests"
