@@ -14,6 +14,8 @@ from .fdlimit import FdLimit, raise_nofile
 
 log = logging.getLogger("lb")
 
+SMALL_CAP = 100  # below this many client connections, the fd budget deserves a warning
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lb", description=__doc__)
@@ -69,6 +71,10 @@ async def _serve(config: Config, fd: FdLimit) -> int:
     log.info("connection cap: %d client connections (%s)", balancer.max_connections,
              "derived from the fd limit" if config.limits.max_connections == 0
              else "limits.max_connections")
+    if balancer.max_connections < SMALL_CAP and config.limits.max_connections == 0:
+        log.warning("only %d client connections fit in %d descriptors: raise the hard "
+                    "RLIMIT_NOFILE (LimitNOFILE= in systemd) or lower pool.max_idle",
+                    balancer.max_connections, fd.granted)
     try:
         balancer.start()
     except OSError as exc:

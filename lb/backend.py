@@ -8,9 +8,13 @@ from .config import BackendConfig
 from .pool import UpstreamPool
 
 # Consecutive connection-level failures (refused, reset, timeout) after which
-# a backend counts as down for /health and is picked only when nothing else
-# is up.  A placeholder for the passive ejection of the scheduling work.
+# a backend counts as down: /health does not count it, and the policy picks
+# it only when nothing else is up -- or for one trial request at a time once
+# DOWN_TRIAL_AFTER seconds have passed since its last failure, which is how a
+# restarted GPU server comes back.  A placeholder for the passive ejection and
+# active probes of the scheduling work.
 DOWN_AFTER_FAILURES = 3
+DOWN_TRIAL_AFTER = 5.0
 
 FAILURE_KINDS = ("connect", "connect_timeout", "reset", "first_byte_timeout",
                  "idle_timeout", "bad_response")
@@ -31,16 +35,25 @@ class Backend:
         self.failures = dict.fromkeys(FAILURE_KINDS, 0)
         self.consecutive_failures = 0
         self.last_error: tuple[float, str] | None = None
+        self._last_failure_at = 0.0  # monotonic
         self.bytes_sent = 0         # request bodies forwarded to the backend
         self.bytes_received = 0     # response bodies received from it
 
     @property
     def state(self) -> str:
-        return "down" if self.consecutive_failures >= DOWN_AFTER_FAILURES else "up"
+        return "up" if self.up else "down"
+
+    @property
+    def up(self) -> bool:
+        return self.consecutive_failures < DOWN_AFTER_FAILURES
 
     @property
     def usable(self) -> bool:
-        return self.consecutive_failures < DOWN_AFTER_FAILURES
+        """May the policy send a request here now?"""
+        if self.consecutive_failures < DOWN_AFTER_FAILURES:
+            return True
+        return (self.in_flight == 0
+                and time.monotonic() - self._last_failure_at >= DOWN_TRIAL_AFTER)
 
     def record_response(self, status: int) -> None:
         self.responses[f"{min(status // 100, 5)}xx"] += 1
@@ -49,6 +62,7 @@ class Backend:
     def record_failure(self, kind: str, reason: str) -> None:
         self.failures[kind] += 1
         self.consecutive_failures += 1
+        self._last_failure_at = time.monotonic()
         self.last_error = (time.time(), reason)
 
     def snapshot(self) -> dict:

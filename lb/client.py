@@ -48,7 +48,8 @@ _NEED_DATA = h11.NEED_DATA
 _PAUSED = h11.PAUSED
 _END = h11.EndOfMessage()
 _CONTINUE = h11.InformationalResponse(status_code=100, headers=[])
-_REQUEST_COMPLETE = (h11.DONE, h11.MIGHT_SWITCH_PROTOCOL)
+_REQUEST_COMPLETE = (h11.DONE, h11.MUST_CLOSE, h11.MIGHT_SWITCH_PROTOCOL)
+_MUST_CLOSE = h11.MUST_CLOSE
 
 
 def _reset(transport: asyncio.Transport) -> None:
@@ -80,7 +81,7 @@ class ClientConnection(asyncio.Protocol):
         self._loop = balancer.loop
         self._limits = balancer.config.limits
         self._timeouts = balancer.config.timeouts
-        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=self._limits.max_header_bytes)
+        self.h11 = self._new_h11()
         self.transport: asyncio.Transport | None = None
         self.peer_ip = "-"
         self.exchange: Exchange | None = None
@@ -97,6 +98,9 @@ class ClientConnection(asyncio.Protocol):
         self._flush_scheduled = False
         self._answering = False     # a complete request awaits its response (h11 PAUSED)
 
+    def _new_h11(self) -> h11.Connection:
+        return h11.Connection(h11.SERVER, max_incomplete_event_size=self._limits.max_header_bytes)
+
     # --- asyncio callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -109,9 +113,16 @@ class ClientConnection(asyncio.Protocol):
         self._deadline.set(self._timeouts.client_header)
 
     def data_received(self, data: bytes) -> None:
-        if self._closed:
-            return  # lingering after our FIN: discard
+        if self._closed or self.h11.their_state is _MUST_CLOSE:
+            # Lingering after our FIN, or bytes after the last request an
+            # HTTP/1.0 (or Connection: close) client may send: discard.
+            return
         if self._waiting_head and not self._head_seen:
+            # Some clients send a stray CRLF after a body (RFC 9112 §2.2
+            # says to ignore it); h11 would call it a missing request line.
+            data = data.lstrip(b"\r\n")
+            if not data:
+                return
             # First bytes of a new request on an idle keep-alive connection:
             # from now on the head must complete within client_header.
             self._head_seen = True
@@ -156,7 +167,7 @@ class ClientConnection(asyncio.Protocol):
         self._processing = True
         try:
             h = self.h11
-            while not self._closed:
+            while not self._closed and h.their_state is not _MUST_CLOSE:
                 try:
                     event = h.next_event()
                 except h11.RemoteProtocolError as exc:
@@ -394,9 +405,18 @@ class ClientConnection(asyncio.Protocol):
         self._waiting_head = True
         self._head_request = False
         self._answering = False
+        leftover = h.trailing_data[0]
+        if leftover[:1] in (b"\r", b"\n"):
+            # A stray CRLF after the last body (RFC 9112 §2.2: ignore it).
+            # h11 would reject it as a missing request line, so start a
+            # fresh parser, as between requests, with the rest.
+            leftover = leftover.lstrip(b"\r\n")
+            self.h11 = h = self._new_h11()
+            if leftover:  # (receive_data(b"") would mean end of stream)
+                h.receive_data(leftover)
         # Part of the next head may be here already (pipelining): then it is
         # already on the head's clock, not the keep-alive one.
-        self._head_seen = bool(h.trailing_data[0])
+        self._head_seen = bool(leftover)
         self._deadline.set(self._timeouts.client_header if self._head_seen
                            else self._timeouts.idle)
         self._unblock_reading(_PIPELINE | _BACKPRESSURE)

@@ -190,6 +190,10 @@ def load(path: str) -> Config:
         raise ConfigError("", f"{path}: cannot read: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("", f"{path}: TOML syntax error: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError("", f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except RecursionError:
+        raise ConfigError("", f"{path}: nested too deeply to read") from None
     return parse(raw)
 
 
@@ -270,14 +274,15 @@ def _backend_url(key: str, url: Any) -> tuple[str, int]:
     if not parts.hostname:
         raise ConfigError(key, f"no host in URL {url!r}")
     try:
-        parts.hostname.encode("idna")
+        # Stored in its ASCII form: it goes into Host headers and log lines.
+        host = parts.hostname.encode("idna").decode("ascii")
     except UnicodeError:
         raise ConfigError(key, f"invalid host name {parts.hostname!r} in {url!r}") from None
     if parts.path not in ("", "/") or parts.query or parts.fragment or "@" in parts.netloc:
         raise ConfigError(key, f"must be scheme://host:port only, got {url!r}")
     if port == 0:
         raise ConfigError(key, f"port 0 cannot be connected to, in {url!r}")
-    return parts.hostname, 80 if port is None else port
+    return host, 80 if port is None else port
 
 
 def _bracket(host: str) -> str:

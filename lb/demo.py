@@ -9,6 +9,8 @@ does not import them.
 from __future__ import annotations
 
 import logging
+import os
+import select
 import subprocess
 import sys
 import time
@@ -33,12 +35,13 @@ def demo_fleet(config: Config) -> Iterator[None]:
             child = subprocess.Popen(
                 [sys.executable, "-m", "backends.echo", "--host", backend.host,
                  "--port", str(backend.port)],
-                stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
             children.append(child)
-            line = _first_line(child)
-            if not line.startswith("listening on"):
-                raise SystemExit(f"lb: demo backend for {backend.name} did not start "
-                                 f"(is port {backend.port} in use?)")
+            output = _until_listening(child)
+            if output is not None:
+                last = output.strip().splitlines()[-1:] or ["no output"]
+                raise SystemExit(f"lb: demo backend for {backend.name} did not start on port "
+                                 f"{backend.port}: {last[0]}")
             log.info("demo backend %s started: %s (pid %d)", backend.name, backend.url, child.pid)
         yield
     finally:
@@ -51,10 +54,19 @@ def demo_fleet(config: Config) -> Iterator[None]:
                 child.kill()
 
 
-def _first_line(child: subprocess.Popen) -> str:
+def _until_listening(child: subprocess.Popen) -> str | None:
+    """None once the child says it is listening, else what it printed."""
+    seen = b""
     deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        line = child.stdout.readline()
-        if line or child.poll() is not None:
-            return line.strip()
-    return ""
+    fd = child.stdout.fileno()
+    while (remaining := deadline - time.monotonic()) > 0:
+        ready, _, _ = select.select([fd], [], [], remaining)
+        if not ready:
+            break
+        data = os.read(fd, 4096)
+        if not data:
+            break  # it exited
+        seen += data
+        if b"listening on" in seen:
+            return None
+    return seen.decode("utf-8", "replace")

@@ -22,7 +22,7 @@ Handler = Callable[["Balancer", h11.Request], tuple[int, bytes, bytes]]
 
 
 def health(balancer: "Balancer", request: h11.Request) -> tuple[int, bytes, bytes]:
-    usable = sum(1 for b in balancer.backends if b.usable)
+    usable = sum(1 for b in balancer.backends if b.up)
     body = {"status": "ok" if usable else "unavailable",
             "backends_usable": usable, "backends_total": len(balancer.backends)}
     return (200 if usable else 503), JSON, orjson.dumps(body)
@@ -75,7 +75,8 @@ def metrics(balancer: "Balancer", request: h11.Request) -> tuple[int, bytes, byt
     family("accept_pauses_total", "counter", "Times accepting paused at the cap.",
            [("", conns["accept_pauses"])])
     family("requests_total", "counter", "Requests received from clients.", [("", reqs["total"])])
-    family("responses_total", "counter", "Responses sent to clients, by status code.",
+    family("requests_finished_total", "counter",
+           "Requests finished, by the status the client got (499: it left first).",
            [(f'{{code="{code}"}}', n) for code, n in sorted(reqs["by_status"].items())])
     backends = stats["backends"]
 

@@ -78,7 +78,11 @@ class Process:
 class Backend(Process):
     def __init__(self, port: int = 0):
         super().__init__(["-m", "backends.echo", "--port", str(port)])
-        self.port = int(self.wait_for_line(r"listening on 127\.0\.0\.1:(\d+)").group(1))
+        try:
+            self.port = int(self.wait_for_line(r"listening on 127\.0\.0\.1:(\d+)").group(1))
+        except BaseException:
+            self.stop()
+            raise
         self.url = f"http://127.0.0.1:{self.port}"
 
     def stats(self) -> dict:
@@ -91,7 +95,18 @@ class Backend(Process):
 class Balancer(Process):
     def __init__(self, config_path: Path, preexec_fn=None):
         super().__init__(["-m", "lb", "-c", str(config_path)], preexec_fn=preexec_fn)
-        self.port = int(self.wait_for_line(r"listening on 127\.0\.0\.1:(\d+)").group(1))
+        try:
+            self.port = int(self.wait_for_line(r"listening on 127\.0\.0\.1:(\d+)").group(1))
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop_cleanly(self) -> None:
+        """Stop with SIGTERM and check the balancer exited 0 without a traceback."""
+        code = self.stop()
+        output = self.output()
+        assert "Traceback" not in output and "Exception in" not in output, output
+        assert code == 0, f"balancer exited {code}:\n{output}"
 
     def stats(self) -> dict:
         return get_json(self.port, "/lb-stats")
@@ -145,7 +160,7 @@ def start_lb(tmp_path):
 
     yield start
     for balancer in started:
-        balancer.stop()
+        balancer.stop_cleanly()
 
 
 @pytest.fixture

@@ -21,9 +21,10 @@ def _get(port: int, path: str = "/") -> tuple[int, bytes]:
 
 def test_idle_connections_expire(start_backend, start_lb):
     backend = start_backend()
-    lb = start_lb([backend.url], pool={"idle_timeout": 0.5})
+    lb = start_lb([backend.url], pool={"idle_timeout": 1.5})
     assert _get(lb.port) == (200, b"ok\n")
     assert lb.stats()["backends"][0]["pool"]["idle"] == 1
+    assert backend.stats()["connections_open"] == 1
     wait_until(lambda: lb.stats()["backends"][0]["pool"]["idle"] == 0, timeout=5,
                what="idle pooled connection expired")
     wait_until(lambda: backend.stats()["connections_open"] == 0, timeout=2,
@@ -35,11 +36,15 @@ def test_pool_keeps_at_most_max_idle(start_backend, start_lb):
     lb = start_lb([backend.url], pool={"max_idle": 2})
     # Five concurrent slow requests need five backend connections; afterwards
     # only two stay pooled.
-    threads = [threading.Thread(target=_get, args=(lb.port, "/slow?delay=0.3")) for _ in range(5)]
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(_get(lb.port, "/slow?delay=0.5")))
+               for _ in range(5)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(10)
+    assert results == [(200, b"ok\n")] * 5
+    assert backend.stats()["max_requests_in_flight"] == 5  # they overlapped
     pool = lb.stats()["backends"][0]["pool"]
     assert pool["opened"] == 5 and pool["idle"] == 2
     wait_until(lambda: backend.stats()["connections_open"] == 2, what="surplus connections closed")

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import shutil
+import socket
 import subprocess
 import threading
 
 import pytest
 
-from conftest import RawReader, connect, env_without_proxies, get_json
+from conftest import RawReader, connect, env_without_proxies, get_json, raw_request
 
 
 def test_http_client_keep_alive_reuses_one_backend_connection(lb, backend):
@@ -211,3 +213,85 @@ def test_pipelined_flood_is_read_no_faster_than_it_is_answered(lb):
         sender.join(30)
     growth_mib = (lb.rss_kib("VmHWM") - rss_before) / 1024
     assert growth_mib < 5, f"balancer memory grew {growth_mib:.1f} MiB for 10 MB of pipelined requests"
+
+
+def test_metrics_are_valid_prometheus_text(lb):
+    get_json(lb.port, "/health")
+    conn = http.client.HTTPConnection("127.0.0.1", lb.port, timeout=5)
+    conn.request("GET", "/")
+    conn.getresponse().read()
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    conn.close()
+    sample = re.compile(r'([a-z_]+)(\{[a-z_]+="[^"\\\n]*"(,[a-z_]+="[^"\\\n]*")*\})? (-?[0-9.e+]+)')
+    declared: dict[str, str] = {}
+    helped = set()
+    for line in text.rstrip("\n").split("\n"):
+        if line.startswith("# HELP "):
+            helped.add(line.split()[2])
+        elif line.startswith("# TYPE "):
+            _, _, name, kind = line.split()
+            assert kind in ("counter", "gauge") and name not in declared
+            declared[name] = kind
+        else:
+            match = sample.fullmatch(line)
+            assert match, f"not a sample line: {line!r}"
+            assert match.group(1) in declared, f"sample before its TYPE: {line!r}"
+    assert set(declared) == helped
+    for name, kind in declared.items():
+        assert name.startswith("tts_lb_")
+        assert name.endswith("_total") == (kind == "counter"), name
+    assert 'tts_lb_backend_requests_total{backend="b0"} 1' in text
+    assert 'tts_lb_requests_finished_total{code="200"}' in text
+
+
+def test_response_hop_by_hop_headers_are_not_passed_to_the_client(start_lb):
+    # A backend that answers with connection-scoped headers of its own.
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+
+    def serve():
+        conn, _ = server.accept()
+        with conn:
+            buf = b""
+            while b"\r\n\r\n" not in buf:
+                buf += conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nConnection: keep-alive, X-Backend-Secret\r\n"
+                         b"X-Backend-Secret: 1\r\nKeep-Alive: timeout=5\r\nProxy-Connection: x\r\n"
+                         b"Upgrade: h2c\r\nTrailer: X-Sum\r\nX-Request-ID: backend-made\r\n"
+                         b"X-Kept: yes\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n")
+            conn.recv(65536)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        lb = start_lb([f"http://127.0.0.1:{server.getsockname()[1]}"])
+        resp = raw_request(lb.port, b"GET / HTTP/1.1\r\nHost: x\r\nX-Request-ID: mine\r\n\r\n")
+    finally:
+        server.close()
+    names = [name for name, _ in resp.headers]
+    for hop in ("x-backend-secret", "keep-alive", "proxy-connection", "upgrade", "trailer"):
+        assert hop not in names, hop
+    assert resp.header("connection") is None
+    assert resp.header("x-kept") == "yes"
+    assert [v for n, v in resp.headers if n == "x-request-id"] == ["mine"]
+    assert resp.body == b"ok" and resp.complete
+
+
+def test_stray_crlf_after_a_body_is_ignored(lb):
+    with connect(lb.port) as sock:
+        reader = RawReader(sock)
+        sock.sendall(b"POST /headers HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc\r\n")
+        assert reader.response().status == 200
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        second = reader.response()
+        assert second.status == 200 and second.body == b"ok\n"
+
+
+def test_bytes_after_an_http10_request_do_not_spoil_it(lb):
+    with connect(lb.port) as sock:
+        sock.sendall(b"POST /headers HTTP/1.0\r\nContent-Length: 3\r\n\r\nabc\r\n"
+                     b"GET / HTTP/1.0\r\n\r\n")
+        resp = RawReader(sock).response()
+    assert resp.status == 200 and resp.json()["body_bytes"] == 3
