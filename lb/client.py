@@ -31,6 +31,7 @@ from . import endpoints
 from . import headers as hdr
 from .exchange import Exchange
 from .timer import Deadline
+from .writes import CoalescedWrites
 
 if TYPE_CHECKING:
     from .balancer import Balancer
@@ -70,7 +71,7 @@ def _reason(status: int) -> bytes:
         return b""
 
 
-class ClientConnection(asyncio.Protocol):
+class ClientConnection(CoalescedWrites, asyncio.Protocol):
     __slots__ = ("balancer", "h11", "transport", "peer_ip", "exchange", "write_paused",
                  "_loop", "_read_block", "_deadline", "_processing", "_closed",
                  "_waiting_head", "_head_seen", "_head_request", "_local", "_limits",
@@ -383,17 +384,8 @@ class ClientConnection(asyncio.Protocol):
     def _send(self, event) -> None:
         self._write(self.h11.send_with_data_passthrough(event))
 
-    def _write(self, parts: list) -> None:
-        self._out.extend(parts)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
-
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        if self._out and not self._closed:
-            out, self._out = self._out, []
-            self.transport.writelines(out)
+    def _can_write(self) -> bool:
+        return not self._closed  # after close() has sent FIN (write_eof), nothing more
 
     def _response_complete(self) -> None:
         self.exchange = None

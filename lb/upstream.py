@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 import h11
 
+from .writes import CoalescedWrites
+
 if TYPE_CHECKING:
     from .pool import UpstreamPool
 
@@ -27,7 +29,7 @@ _EndOfMessage = h11.EndOfMessage
 _NEED_DATA = h11.NEED_DATA
 
 
-class UpstreamConnection(asyncio.Protocol):
+class UpstreamConnection(CoalescedWrites, asyncio.Protocol):
     __slots__ = ("pool", "h11", "transport", "owner", "usable", "idle_since",
                  "write_paused", "_high", "_reading_paused", "_loop", "_out", "_flush_scheduled")
 
@@ -101,18 +103,6 @@ class UpstreamConnection(asyncio.Protocol):
     def send_data(self, data: bytes) -> None:
         self._write(self.h11.send_with_data_passthrough(_Data(data=data)))
 
-    def _write(self, parts: list) -> None:
-        self._out.extend(parts)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._loop.call_soon(self._flush)
-
-    def _flush(self) -> None:
-        self._flush_scheduled = False
-        if self._out:
-            out, self._out = self._out, []
-            if not self.transport.is_closing():
-                self.transport.writelines(out)
 
     def pause_reading(self) -> None:
         if not self._reading_paused and self.transport is not None and not self.transport.is_closing():

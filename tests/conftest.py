@@ -310,3 +310,36 @@ def env_without_proxies() -> dict:
         if key.lower() in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
             del env[key]
     return env
+
+
+class ScriptedBackend:
+    """A raw TCP backend: `handle(conn, index)` runs per accepted connection."""
+
+    def __init__(self, handle):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self._handle = handle
+        self.accepted = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._run, args=(conn, self.accepted), daemon=True).start()
+            self.accepted += 1
+
+    def _run(self, conn, index):
+        with conn:
+            conn.settimeout(5)
+            try:
+                self._handle(conn, index)
+            except OSError:
+                pass
+
+    def close(self):
+        self.sock.close()

@@ -5,12 +5,11 @@ from __future__ import annotations
 import http.client
 import json
 import socket
-import threading
 import time
 
 import pytest
 
-from conftest import RawReader, connect, raw_request, wait_until
+from conftest import RawReader, ScriptedBackend, connect, raw_request, wait_until
 
 
 def _assert_json_error(resp, status: int, *words: str) -> dict:
@@ -333,7 +332,7 @@ def test_post_lost_after_the_backend_worked_on_it_is_not_sent_twice(start_lb):
                 return  # crash: close without answering
             conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
 
-    backend = _ScriptedBackend(handle)
+    backend = ScriptedBackend(handle)
     try:
         lb = start_lb([f"http://127.0.0.1:{backend.port}"])
         assert raw_request(lb.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").status == 200
@@ -358,7 +357,7 @@ def test_bytes_after_a_response_never_reach_the_next_request(start_lb):
                      b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nEVIL!")
         conn.recv(65536)
 
-    backend = _ScriptedBackend(handle)
+    backend = ScriptedBackend(handle)
     try:
         lb = start_lb([f"http://127.0.0.1:{backend.port}"])
         for _ in range(3):
@@ -367,38 +366,6 @@ def test_bytes_after_a_response_never_reach_the_next_request(start_lb):
     finally:
         backend.close()
 
-
-class _ScriptedBackend:
-    """A raw TCP backend: `handle(conn, index)` runs per accepted connection."""
-
-    def __init__(self, handle):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
-        self._handle = handle
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self):
-        index = 0
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._run, args=(conn, index), daemon=True).start()
-            index += 1
-
-    def _run(self, conn, index):
-        with conn:
-            conn.settimeout(5)
-            try:
-                self._handle(conn, index)
-            except OSError:
-                pass
-
-    def close(self):
-        self.sock.close()
 
 
 def test_a_restarted_backend_comes_back_after_being_marked_down(start_lb):

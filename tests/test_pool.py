@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import http.client
-import socket
 import threading
 
-from conftest import Backend, wait_until
+from conftest import Backend, ScriptedBackend, wait_until
 
 
 def _get(port: int, path: str = "/") -> tuple[int, bytes]:
@@ -71,54 +70,27 @@ def test_connection_closed_by_a_restarted_backend_is_not_reused(start_lb):
 
 
 
-class _OneShotKeepAliveBackend:
-    """Answers the first request on each connection, then closes the connection
-    without answering the second: the keep-alive race, every time."""
-
-    def __init__(self):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
-        self.connections = 0
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.connections += 1
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
-
-    @staticmethod
-    def _handle(conn):
-        with conn:
-            conn.settimeout(5)
-            buf = b""
-            while b"\r\n\r\n" not in buf:
-                data = conn.recv(65536)
-                if not data:
-                    return
-                buf += data
-            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n")
-            # Wait for the next request on this connection, then hang up on it.
-            conn.recv(65536)
-
-    def close(self):
-        self.sock.close()
+def _answer_once_then_hang_up(conn, index):
+    """Answer the first request on a connection, then close it without answering
+    the second: the keep-alive race, every time."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        data = conn.recv(65536)
+        if not data:
+            return
+        buf += data
+    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\nok\n")
+    conn.recv(65536)
 
 
 def test_request_on_a_connection_the_backend_closes_is_resent_on_a_fresh_one(start_lb):
-    backend = _OneShotKeepAliveBackend()
+    backend = ScriptedBackend(_answer_once_then_hang_up)
     try:
         lb = start_lb([f"http://127.0.0.1:{backend.port}"])
         for _ in range(3):
             assert _get(lb.port, "/tts") == (200, b"ok\n")
         entry = lb.stats()["backends"][0]
         assert entry["responses"]["2xx"] == 3 and entry["errors"] == 0
-        assert backend.connections == 3   # each reuse failed and was resent on a new one
+        assert backend.accepted == 3   # each reuse failed and was resent on a new one
     finally:
         backend.close()
