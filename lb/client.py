@@ -270,7 +270,7 @@ class ClientConnection(CoalescedWrites, asyncio.Protocol):
 
     def send_data(self, data: bytes) -> None:
         if not self._closed:
-            self._write(self.h11.send_with_data_passthrough(_Data(data=data)))
+            self._write(self.h11.send_with_data_passthrough(_Data(data=data)), len(data))
 
     def send_end(self) -> None:
         if self._closed:

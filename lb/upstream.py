@@ -101,7 +101,7 @@ class UpstreamConnection(CoalescedWrites, asyncio.Protocol):
         self._write(self.h11.send_with_data_passthrough(event))
 
     def send_data(self, data: bytes) -> None:
-        self._write(self.h11.send_with_data_passthrough(_Data(data=data)))
+        self._write(self.h11.send_with_data_passthrough(_Data(data=data)), len(data))
 
 
     def pause_reading(self) -> None:

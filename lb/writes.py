@@ -3,13 +3,20 @@
 Handling one read usually produces several h11 events to send (a response
 head, body, end).  Writing each at once costs a system call apiece; instead
 they are gathered and go out in one writelines() at the end of the loop
-iteration.  Backpressure still works: the transport's pause_writing fires
-when the gathered bytes are written, at most one read's worth later.
+iteration.
+
+Only small writes wait.  libuv reads a ready socket up to 32 times in one
+go, so a bulk body could pile up megabytes before the end of the iteration;
+a body piece of COALESCE_MAX bytes or more is written at once (with what
+waits before it), so the transport's pause_writing -- and with it the pause
+of the other side's reading -- happens at the next read, not later.
 """
 
 from __future__ import annotations
 
 import asyncio
+
+COALESCE_MAX = 16 * 1024
 
 
 class CoalescedWrites:
@@ -25,9 +32,12 @@ class CoalescedWrites:
     def _can_write(self) -> bool:
         return not self.transport.is_closing()
 
-    def _write(self, parts: list) -> None:
+    def _write(self, parts: list, size: int = 0) -> None:
+        """Queue h11's output; `size` is the body bytes in it, if any."""
         self._out.extend(parts)
-        if not self._flush_scheduled:
+        if size >= COALESCE_MAX:
+            self._flush()
+        elif not self._flush_scheduled:
             self._flush_scheduled = True
             self._loop.call_soon(self._flush)
 
