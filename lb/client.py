@@ -75,7 +75,7 @@ class ClientConnection(CoalescedWrites, asyncio.Protocol):
     __slots__ = ("balancer", "h11", "transport", "peer_ip", "exchange", "write_paused",
                  "_loop", "_read_block", "_deadline", "_processing", "_closed",
                  "_waiting_head", "_head_seen", "_head_request", "_local", "_limits",
-                 "_timeouts", "_out", "_flush_scheduled", "_answering")
+                 "_timeouts", "_out", "_out_bytes", "_flush_at", "_flush_scheduled", "_answering")
 
     def __init__(self, balancer: "Balancer"):
         self.balancer = balancer
@@ -96,6 +96,8 @@ class ClientConnection(CoalescedWrites, asyncio.Protocol):
         self._head_request = False  # the current request is HEAD: answers carry no body
         self._local = None          # (request, id, handler) of a built-in endpoint request
         self._out: list[bytes] = []  # coalesced writes, flushed once per loop iteration
+        self._out_bytes = 0
+        self._flush_at = self._limits.write_buffer_high
         self._flush_scheduled = False
         self._answering = False     # a complete request awaits its response (h11 PAUSED)
 

@@ -31,13 +31,15 @@ _NEED_DATA = h11.NEED_DATA
 
 class UpstreamConnection(CoalescedWrites, asyncio.Protocol):
     __slots__ = ("pool", "h11", "transport", "owner", "usable", "idle_since",
-                 "write_paused", "_high", "_reading_paused", "_loop", "_out", "_flush_scheduled")
+                 "write_paused", "_high", "_reading_paused", "_loop", "_out", "_out_bytes", "_flush_at", "_flush_scheduled")
 
     def __init__(self, pool: "UpstreamPool", loop: asyncio.AbstractEventLoop, *,
                  max_header_bytes: int, write_buffer_high: int):
         self.pool = pool
         self._loop = loop
         self._out: list[bytes] = []  # coalesced writes (head, body, end), flushed once per tick
+        self._out_bytes = 0
+        self._flush_at = write_buffer_high
         self._flush_scheduled = False
         self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=max_header_bytes)
         self.transport: asyncio.Transport | None = None
