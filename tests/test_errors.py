@@ -267,7 +267,7 @@ def test_a_failing_backend_is_avoided_once_down(start_backend, start_lb):
         if statuses.count(502) == 3:
             break
     # Three failures mark it down; after that no call lands on it.
-    assert statuses.count(502) == 3 and set(statuses) == {200, 502}
+    assert statuses.count(502) == 3 and set(statuses) <= {200, 502}
     after = [raw_request(lb.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").status
              for _ in range(10)]
     assert after == [200] * 10
