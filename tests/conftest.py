@@ -312,6 +312,17 @@ def env_without_proxies() -> dict:
     return env
 
 
+def read_head(conn: socket.socket) -> bytes | None:
+    """Read from a raw connection until a request head has arrived (None: closed)."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        data = conn.recv(65536)
+        if not data:
+            return None
+        buf += data
+    return buf
+
+
 class ScriptedBackend:
     """A raw TCP backend: `handle(conn, index)` runs per accepted connection."""
 
