@@ -262,8 +262,9 @@ class ClientConnection(CoalescedWrites, asyncio.Protocol):
     # --- responses (used by the exchange and the balancer)
 
     def send_response(self, status: int, headers: hdr.Headers, reason: bytes = b"") -> None:
-        # MIGHT_SWITCH_PROTOCOL: a complete request that offered an Upgrade,
-        # which this (non-101) answer declines; h11 then counts it as DONE.
+        # Complete: DONE, MUST_CLOSE (HTTP/1.0 or Connection: close), or
+        # MIGHT_SWITCH_PROTOCOL (it offered an Upgrade, which this non-101
+        # answer declines; h11 then counts it as DONE).
         if self.h11.their_state not in _REQUEST_COMPLETE:
             # The request body is still coming and nobody will read it:
             # this connection cannot carry another request.

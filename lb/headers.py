@@ -58,18 +58,10 @@ def new_request_id() -> str:
     return f"{_ID_PREFIX}{next(_id_counter) & 0xFFFFFFFFFFFFFFFF:016x}"
 
 
-def request_id(headers: Iterable[tuple[bytes, bytes]]) -> str:
-    """The client's X-Request-ID if usable, else a new one."""
-    for name, value in headers:
-        if name == b"x-request-id" and _REQUEST_ID.fullmatch(value):
-            return value.decode("ascii")
-    return new_request_id()
-
-
 class RequestInfo(NamedTuple):
     """What the balancer needs from a request head, read in one pass."""
     headers: Headers            # (lowercased name, value) pairs, in order
-    request_id: str
+    request_id: str             # the client's X-Request-ID if usable, else a new one
     content_length: int | None
     chunked: bool
     head_size: int              # bytes of the head as sent, give or take whitespace

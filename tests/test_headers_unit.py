@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import given, settings
@@ -14,7 +15,6 @@ from lb.headers import (
     as_list,
     inspect_request,
     request_event,
-    request_id,
     response_event,
     to_backend,
     to_client,
@@ -28,6 +28,12 @@ SET_UPSTREAM = {b"x-request-id", b"x-forwarded-for", b"x-forwarded-proto", b"x-f
 HEX32 = re.compile(r"[0-9a-f]{32}")
 
 RID = "req-1"
+
+
+def request_id(headers) -> str:
+    """The request id inspect_request settles on for these (raw, unvalidated) headers."""
+    head = SimpleNamespace(method=b"GET", target=b"/", headers=headers)
+    return inspect_request(head).request_id
 
 
 def names(headers) -> list[bytes]:
