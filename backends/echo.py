@@ -1,10 +1,14 @@
 """A small, controllable HTTP/1.1 origin server for tts-lb's data-plane tests and benchmark.
 
 Run it:     python -m backends.echo --port 0 [--host 127.0.0.1] [--port-file PATH]
-            (prints "listening on 127.0.0.1:PORT"; exits cleanly on SIGTERM/SIGINT)
+                                    [--status N] [--health ready|loading]
+            (prints "listening on 127.0.0.1:PORT"; exits cleanly on SIGTERM/SIGINT;
+            --status and --health set the initial mode, see /_mode; defaults 0 and ready)
 In-process: backend = EchoBackend(); await backend.start("127.0.0.1", 0)  -> asyncio.Server
             (or `server = await serve(host, port, backend)`); then backend.port, backend.stats,
-            await backend.stop().  From synchronous code: `with BackendThread() as b: b.port`.
+            backend.mode, await backend.stop().  EchoBackend(status=N, health=H) and
+            BackendThread(status=N, health=H) set the initial mode.
+            From synchronous code: `with BackendThread() as b: b.port`.
 
 Endpoints (query-string parameters, any method; every response carries X-Backend-Port):
   /bytes?n=N&chunk=C         N bytes of PATTERN with Content-Length, written C bytes at a time
@@ -20,7 +24,16 @@ Endpoints (query-string parameters, any method; every response carries X-Backend
   /slow?delay=D              200 "ok\\n" after D seconds     /hang   never answers
   /reset                     RST without answering          /close  FIN without answering
   /die-mid-body?after=N&chunked=1   200 head, N body bytes, then RST
-  /_stats, /_stats/reset     counters (see Stats); anything else: 200 "ok\\n"
+  /health                    200 {"status":"healthy","model_loaded":true}; with health=loading
+                             503 {"detail":"Model not loaded","status":"loading"} (a Chatterbox
+                             GPU server that is up but still loading its model)
+  /_mode?status=N&health=H   sets the failure mode; answers JSON {"status": N, "health": H}.
+                             status=N (200-599): every request except /health and /_* is answered
+                             at once (body drained) with N and JSON {"detail": "simulated
+                             failure", "status": N}; status=0: off.  health=ready|loading sets
+                             /health.  Bad or unknown parameters: 400 {"error": ...}, no change.
+  /_stats, /_stats/reset     counters (see Stats; reset leaves the mode alone);
+                             anything else: 200 "ok\\n"
 While /slow, /stream or /hang waits, the server keeps reading, so a client hanging up (FIN or
 RST) ends the request at once.  A client that half-closes its socket counts as gone.
 """
@@ -63,8 +76,9 @@ class BadParam(ValueError):
 
 
 class Stats:
-    """Counters served by /_stats.  Requests to /_stats* are never counted, and neither is a
-    connection that has carried nothing but /_stats* requests, so polling doesn't disturb them."""
+    """Counters served by /_stats.  Requests to /_stats* and /_mode are never counted, and
+    neither is a connection that has carried nothing but those, so polling doesn't disturb them.
+    Simulated failures (see Mode) and /health are ordinary requests: they count."""
     FIELDS = ("connections_open", "connections_total", "requests_in_flight", "requests_total",
               "max_requests_in_flight")
 
@@ -111,9 +125,56 @@ class Stats:
             self.requests_in_flight -= 1
 
 
+HEALTH = {  # /health answers, as a Chatterbox GPU server gives them
+    "ready": (200, {"status": "healthy", "model_loaded": True}),
+    "loading": (503, {"detail": "Model not loaded", "status": "loading"}),  # up, model loading
+}
+
+
+def parse_status(text: str) -> int:
+    """A failure status: 0 (off) or 200-599, in plain ASCII digits (int() alone would also take
+    " 503", "5_03" or Arabic-Indic digits), else ValueError naming the parameter."""
+    n = int(text) if text.isascii() and text.isdigit() and len(text) <= 3 else -1
+    if n != 0 and not 200 <= n <= 599:
+        raise ValueError(f"status={text!r}: want 0 or 200-599")
+    return n
+
+
+def check_health(text: str) -> str:
+    if text not in HEALTH:
+        raise ValueError(f"health={text!r}: want {' or '.join(HEALTH)}")
+    return text
+
+
+class Mode:
+    """Failure knobs, set by /_mode or the command line.  Kept apart from Stats so that
+    /_stats/reset between test phases does not heal a backend the test broke on purpose.
+    status: 0, or the code every ordinary request gets at once; health: a key of HEALTH."""
+
+    def __init__(self, status: int = 0, health: str = "ready"):
+        self.status, self.health = parse_status(str(status)), check_health(health)
+
+    def snapshot(self) -> dict:
+        return {"status": self.status, "health": self.health}
+
+    def update(self, q: dict[str, list[str]]):
+        """Apply /_mode's parameters (parse_qs form): all of them or, on ValueError, none."""
+        for name in q:
+            if name not in ("status", "health"):  # a typo must not look like success
+                raise ValueError(f"unknown parameter {name!r}: want status or health")
+        status = parse_status(q["status"][-1]) if "status" in q else self.status
+        health = check_health(q["health"][-1]) if "health" in q else self.health
+        self.status, self.health = status, health
+
+    def fails(self, path: str) -> bool:
+        # Control paths stay usable so a test can always look at and repair a broken backend.
+        return self.status != 0 and path != "/health" and not path.startswith("/_")
+
+
 class EchoBackend:
-    def __init__(self):
+    def __init__(self, status: int = 0, health: str = "ready"):
         self.stats = Stats()
+        self.mode = Mode(status, health)
         self.port = 0
         self.server: asyncio.Server | None = None
         self._conns: set[_Conn] = set()
@@ -202,14 +263,18 @@ class _Conn:
         self.method = req.method
         path, _, query = req.target.decode("latin-1").partition("?")
         q = {k: v[-1] for k, v in parse_qs(query).items()}
-        if path in ("/_stats", "/_stats/reset"):
+        if path in ("/_stats", "/_stats/reset", "/_mode"):
             self.stats.uncount_conn(self)
             await self.read_body()
+            if path == "/_mode":
+                return await self.h_mode(query)
             if path == "/_stats/reset":
                 self.stats.reset()
             return await self.respond_json(200, self.stats.snapshot())
         self.stats.request_started(self)
         try:
+            if self.backend.mode.fails(path):
+                return await self.h_fail(self.backend.mode.status)
             await self.route(req, path, q)
         except BadParam as e:
             if self.h.our_state is not h11.SEND_RESPONSE:
@@ -258,8 +323,22 @@ class _Conn:
         if path == "/die-mid-body":
             return await self.h_die(_num(q, "after", 0, int, 0, 1 << 30),
                                     q.get("chunked", "1") != "0")
+        if path == "/health":
+            await self.read_body()
+            return await self.respond_json(*HEALTH[self.backend.mode.health])
         await self.read_body()
         await self.respond(200, b"ok\n")
+
+    async def h_mode(self, query):
+        try:  # keep_blank_values: "status=" is a mistake to report, not a no-op
+            self.backend.mode.update(parse_qs(query, keep_blank_values=True))
+        except ValueError as e:
+            return await self.respond_json(400, {"error": str(e)})
+        await self.respond_json(200, self.backend.mode.snapshot())
+
+    async def h_fail(self, status):
+        await self.read_body()  # drained, not left unread: the connection stays reusable
+        await self.respond_json(status, {"detail": "simulated failure", "status": status})
 
     async def h_bytes(self, n, chunk):
         await self.read_body()
@@ -424,8 +503,8 @@ class BackendThread:
     """Run an EchoBackend on its own event loop in a daemon thread, for synchronous tests:
     `with BackendThread() as b: http.client.HTTPConnection("127.0.0.1", b.port)`."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0):
-        self.backend, self._addr = EchoBackend(), (host, port)
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, **mode):
+        self.backend, self._addr = EchoBackend(**mode), (host, port)  # mode: status=, health=
         self._ready, self._loop, self._error = threading.Event(), None, None
 
     port = property(lambda self: self.backend.port)
@@ -461,7 +540,7 @@ class BackendThread:
 
 
 async def _main(args):
-    backend = EchoBackend()
+    backend = EchoBackend(args.status, args.health)
     await backend.start(args.host, args.port)
     if args.port_file:  # write-then-rename so a reader never sees a partial file
         tmp = f"{args.port_file}.{os.getpid()}.tmp"
@@ -477,11 +556,22 @@ async def _main(args):
     await backend.stop()
 
 
+def _status_arg(text: str) -> int:
+    try:  # ArgumentTypeError, unlike ValueError, puts our message in argparse's error
+        return parse_status(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m backends.echo", description=__doc__.splitlines()[0])
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True, help="0 picks a free port")
     p.add_argument("--port-file", help="write the bound port here (atomically)")
+    p.add_argument("--status", type=_status_arg, default=0, metavar="N",
+                   help="answer every ordinary request with N (200-599; default 0: off)")
+    p.add_argument("--health", choices=tuple(HEALTH), default="ready",
+                   help="what /health reports (default ready)")
     args = p.parse_args(argv)
     with asyncio.Runner(loop_factory=_new_loop) as runner:
         runner.run(_main(args))

@@ -390,6 +390,9 @@ max_idle = {max(32, connections * 2)}   # keep every upstream connection the loa
 access = false
 level = "info"
 
+[balancer]
+max_concurrency = {max(1000, connections * 2)}   # the data plane, not the GPU limit, is measured
+
 [[backend]]
 name = "bench"
 url = "http://{HOST}:{backend.port}"

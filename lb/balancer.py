@@ -15,18 +15,21 @@ from typing import TYPE_CHECKING
 
 import h11
 
-from . import accesslog
+from . import accesslog, endpoints
 from .backend import Backend
 from .client import ClientConnection
 from .config import Config
 from .fdlimit import FdLimit, connection_cap
 from .listener import Listener, open_socket, somaxconn
-from .policy import LeastInFlight, Policy
+from . import policy as policies
 from .pool import UpstreamPool
+from .probe import Prober
+from .retry import RetryBudget
+from .scheduler import Scheduler
 from .upstream import UpstreamConnection
 
 if TYPE_CHECKING:
-    from .endpoints import Handler
+    from .endpoints import Route
     from .exchange import Exchange
 
 log = logging.getLogger("lb")
@@ -40,7 +43,6 @@ class Balancer:
         self.config = config
         self.loop = loop
         self.fd = fd
-        self.policy: Policy = LeastInFlight()
         limits = config.limits
         self.backends = [
             Backend(b, UpstreamPool(
@@ -48,8 +50,19 @@ class Balancer:
                 idle_timeout=config.pool.idle_timeout, connect_timeout=config.timeouts.connect,
                 make_connection=lambda pool: UpstreamConnection(
                     pool, loop, max_header_bytes=limits.max_header_bytes,
-                    write_buffer_high=limits.write_buffer_high)))
+                    write_buffer_high=limits.write_buffer_high)),
+                passive=config.passive, active=config.active,
+                slow_start=config.balancer.slow_start)
             for b in config.backends]
+        self.by_name = {b.name: b for b in self.backends}
+        self.policy = policies.make(config.balancer.policy)
+        self.scheduler = Scheduler(self.backends, self.policy,
+                                   queue_limit=config.balancer.queue_limit,
+                                   passive=config.passive, clock=time.monotonic,
+                                   wake_at=self._wake_at)
+        self.retry = RetryBudget(config.retry)
+        self._wakeup: asyncio.TimerHandle | None = None
+        self._probers: list[Prober] = []
         self.max_connections, self.cap_note = connection_cap(
             fd.granted, config.pool.max_idle * len(self.backends), limits.max_connections)
         self.requests_total = 0
@@ -70,10 +83,14 @@ class Balancer:
                                  self.max_connections)
         self.listener.start()
         self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
+        self._probers = [Prober(b, self.scheduler, self.config.active, self.loop)
+                         for b in self.backends if b.health_path]
         host, port = self.address
         shown = f"[{host}]" if ":" in host else host
-        log.info("listening on %s:%d, %d backend(s): %s", shown, port, len(self.backends),
-                 ", ".join(f"{b.name}={b.url}" for b in self.backends))
+        log.info("listening on %s:%d, %d backend(s): %s; policy %s", shown, port,
+                 len(self.backends),
+                 ", ".join(f"{b.name}={b.url} (limit {b.max_concurrency})"
+                           for b in self.backends), self.policy.name)
         cap = somaxconn()
         if cap is not None and cap < BACKLOG:
             log.info("listen backlog capped by net.core.somaxconn at %d", cap)
@@ -83,6 +100,10 @@ class Balancer:
             self.listener.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
+        if self._wakeup is not None:
+            self._wakeup.cancel()
+        for prober in self._probers:
+            prober.stop()
         for backend in self.backends:
             backend.pool.close_all()
 
@@ -92,21 +113,48 @@ class Balancer:
             backend.pool.expire(now)
         self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
 
+    def _wake_at(self, when: float) -> None:
+        """The scheduler wants to dispatch again at `when` (monotonic seconds):
+        an ejection ends or slow start raises a limit while requests wait."""
+        delay = max(0.0, when - time.monotonic())
+        handle = self._wakeup
+        if handle is not None and not handle.cancelled() and handle.when() <= self.loop.time() + delay:
+            return
+        if handle is not None:
+            handle.cancel()
+        self._wakeup = self.loop.call_later(delay, self._woken)
+
+    def _woken(self) -> None:
+        self._wakeup = None
+        self.scheduler.dispatch()
+
+    def why_no_backend(self) -> str:
+        now = time.monotonic()
+        return ", ".join(f"{b.name} {b.health.state(now, b.in_flight)}" for b in self.backends)
+
     # --- called by client connections
 
     def connection_closed(self) -> None:
         self.listener.connection_closed()
 
     def local_request(self, client: ClientConnection, request: h11.Request, request_id: str,
-                      handler: "Handler") -> None:
+                      route: "Route") -> None:
         """A request for one of the balancer's own endpoints."""
         started = time.monotonic()
-        if request.method not in (b"GET", b"HEAD"):
-            status, reason = 405, f"{request.target.decode('ascii', 'replace')} takes GET or HEAD"
+        handler, methods = route
+        if request.method not in methods:
+            allowed = b", ".join(methods)
+            status, reason = 405, (f"{request.target.decode('ascii', 'replace')} takes "
+                                   f"{allowed.decode()}")
             self._count(request, request_id, status, "-", started, reason)
-            client.send_error(status, reason, request_id, extra=[(b"allow", b"GET, HEAD")])
+            client.send_error(status, reason, request_id, extra=[(b"allow", allowed)])
             return
-        status, content_type, body = handler(self, request)
+        try:
+            status, content_type, body = handler(self, request, client.peer_ip)
+        except endpoints.EndpointError as exc:
+            self._count(request, request_id, exc.status, "-", started, exc.reason)
+            client.send_error(exc.status, exc.reason, request_id)
+            return
         self._count(request, request_id, status, "-", started, "", bytes_out=len(body))
         client.send_whole(status, content_type, body, request_id,
                           extra=[(b"cache-control", b"no-store")])
@@ -121,11 +169,13 @@ class Balancer:
         backend = exchange.backend.name if exchange.backend is not None else "-"
         self._count(exchange.request, exchange.request_id, exchange.status, backend,
                     exchange.started, exchange.note, bytes_in=exchange.bytes_in,
-                    bytes_out=exchange.bytes_out, ttfb=exchange.ttfb)
+                    bytes_out=exchange.bytes_out, ttfb=exchange.ttfb, tried=exchange.tried,
+                    why=exchange.why, queued=exchange.queued_for)
 
     def _count(self, request: h11.Request | None, request_id: str, status: int, backend: str,
                started: float, note: str, *, bytes_in: int = 0, bytes_out: int = 0,
-               ttfb: float | None = None) -> None:
+               ttfb: float | None = None, tried: list[str] = (), why: list[str] = (),
+               queued: float = 0.0) -> None:
         self.requests_total += 1
         self.by_status[status] += 1
         if self._access:
@@ -134,12 +184,14 @@ class Balancer:
                 method=request.method if request is not None else b"-",
                 target=request.target if request is not None else b"-",
                 status=status, backend=backend, bytes_in=bytes_in, bytes_out=bytes_out,
-                ttfb=ttfb, total=time.monotonic() - started, note=note))
+                ttfb=ttfb, total=time.monotonic() - started, note=note, tried=tried,
+                why=why, queued=queued))
 
     # --- reporting
 
     def snapshot(self) -> dict:
         listener = self.listener
+        now = time.monotonic()
         return {
             "pid": os.getpid(),
             "uptime_s": round(time.time() - self.started, 3),
@@ -153,7 +205,9 @@ class Balancer:
             },
             "fd_limit": {"asked": self.fd.asked, "hard": self.fd.hard,
                          "granted": self.fd.granted},
-            "requests": {"total": self.requests_total,
+            "requests": {"total": self.requests_total, "under_way": self.retry.active,
                          "by_status": {str(k): v for k, v in sorted(self.by_status.items())}},
-            "backends": [b.snapshot() for b in self.backends],
+            "queue": self.scheduler.snapshot(),
+            "retry": self.retry.snapshot(),
+            "backends": [b.snapshot(now) for b in self.backends],
         }

@@ -217,11 +217,11 @@ class ClientConnection(CoalescedWrites, asyncio.Protocol):
             self.balancer.reject(self, request, info.request_id, 431, self._head_too_large())
             return
         path = request.target.split(b"?", 1)[0]
-        handler = endpoints.ROUTES.get(path)
-        if handler is not None:
+        route = endpoints.route(path)
+        if route is not None:
             # Answered once the request (and any body, discarded) is complete,
             # so the connection stays usable for the next request.
-            self._local = (request, info.request_id, handler)
+            self._local = (request, info.request_id, route)
             self._deadline.set(self._timeouts.idle)
             return
         problem = info.problem

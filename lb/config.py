@@ -64,11 +64,58 @@ class Log:
 
 
 @dataclass(frozen=True)
+class Balancing:
+    policy: str
+    max_concurrency: int    # default per-backend limit of requests at once
+    queue_limit: int        # requests that may wait for a free slot (0: none wait)
+    queue_timeout: float    # longest wait in the queue -> 503 with Retry-After
+    slow_start: float       # seconds to ramp a readmitted backend's limit (0: off)
+
+
+@dataclass(frozen=True)
+class Passive:
+    consecutive_failures: int   # connect errors, resets, timeouts in a row (0: ignore)
+    consecutive_5xx: int        # `statuses` answers in a row (0: ignore)
+    statuses: tuple[int, ...]
+    base_ejection: float
+    max_ejection: float
+    jitter: float               # ejection time is shortened by up to this fraction
+    max_ejected_percent: int    # of the fleet; a fleet of one or two may still eject one
+
+
+@dataclass(frozen=True)
+class Active:
+    interval: float
+    timeout: float
+    rise: int
+    fall: int
+
+
+@dataclass(frozen=True)
+class Retry:
+    attempts: int               # tries in all, the first included
+    statuses: tuple[int, ...]
+    budget_percent: int         # of active requests that may be retries ...
+    budget_min: int             # ... but always at least this many
+    backoff_base: float
+    backoff_max: float
+    replay_max_bytes: int       # request body kept for a retry; larger ones are not retried
+
+
+@dataclass(frozen=True)
+class Admin:
+    allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+
+
+@dataclass(frozen=True)
 class BackendConfig:
     name: str
     url: str
     host: str
     port: int
+    max_concurrency: int = 4
+    weight: int = 1
+    health_path: str = ""       # "" : no active probes
 
 
 @dataclass(frozen=True)
@@ -78,6 +125,11 @@ class Config:
     timeouts: Timeouts
     pool: Pool
     log: Log
+    balancer: Balancing
+    passive: Passive
+    active: Active
+    retry: Retry
+    admin: Admin
     backends: tuple[BackendConfig, ...]
 
 
@@ -101,6 +153,56 @@ def _seconds(value: Any) -> float:
     if not (value > 0 and math.isfinite(value)):
         raise ValueError(f"must be a positive, finite number of seconds, got {value}")
     return float(value)
+
+
+def _seconds_or_zero(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"must be a number of seconds, got {_show(value)}")
+    if not (value >= 0 and math.isfinite(value)):
+        raise ValueError(f"must be 0 (off) or a positive, finite number of seconds, got {value}")
+    return float(value)
+
+
+def _fraction(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"must be a number from 0 to 1, got {_show(value)}")
+    if not 0 <= value <= 1:
+        raise ValueError(f"must be from 0 to 1, got {value}")
+    return float(value)
+
+
+def _statuses(lowest: int) -> Callable[[Any], tuple[int, ...]]:
+    def check(value: Any) -> tuple[int, ...]:
+        if not isinstance(value, list):
+            raise ValueError(f"must be an array of HTTP status codes, got {_show(value)}")
+        for code in value:
+            if isinstance(code, bool) or not isinstance(code, int) or not lowest <= code <= 599:
+                raise ValueError(f"must hold status codes from {lowest} to 599, got {_show(code)}")
+        return tuple(sorted(set(value)))
+    return check
+
+
+def _networks(value: Any) -> tuple:
+    if not isinstance(value, list):
+        raise ValueError(f"must be an array of addresses or networks, got {_show(value)}")
+    out = []
+    for item in value:
+        if not isinstance(item, str):
+            raise ValueError(f"must hold strings like \"127.0.0.0/8\", got {_show(item)}")
+        try:
+            out.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ValueError(f"{item!r} is not an IP address or network") from None
+    return tuple(out)
+
+
+def _health_path(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"must be a path like \"/health\", got {_show(value)}")
+    if value and not re.fullmatch(r"/[\x21-\x22\x24-\x7e]*", value):
+        raise ValueError(f"must start with '/' and be ASCII without spaces, control "
+                         f"characters or '#', got {value!r}")
+    return value
 
 
 def _boolean(value: Any) -> bool:
@@ -174,7 +276,45 @@ SECTIONS: dict[str, dict[str, tuple[Any, Callable[[Any], Any]]]] = {
         "access": (True, _boolean),
         "level": ("info", _choice("debug", "info", "warning", "error")),
     },
+    "balancer": {
+        "policy": ("least_conn", _choice("least_conn", "p2c", "random", "round_robin")),
+        "max_concurrency": (4, _integer(1, 100_000)),
+        "queue_limit": (1024, _integer(0, 1_000_000)),
+        "queue_timeout": (10.0, _seconds),
+        "slow_start": (10.0, _seconds_or_zero),
+    },
+    "health.passive": {
+        "consecutive_failures": (3, _integer(0)),
+        "consecutive_5xx": (5, _integer(0)),
+        "statuses": ([500, 502, 503, 504], _statuses(500)),
+        "base_ejection": (10.0, _seconds),
+        "max_ejection": (120.0, _seconds),
+        "jitter": (0.1, _fraction),
+        "max_ejected_percent": (50, _integer(0, 100)),
+    },
+    "health.active": {
+        "interval": (2.0, _seconds),
+        "timeout": (1.0, _seconds),
+        "rise": (2, _integer(1, 100)),
+        "fall": (3, _integer(1, 100)),
+    },
+    "retry": {
+        "attempts": (2, _integer(1, 10)),
+        "statuses": ([502, 503, 504], _statuses(500)),
+        "budget_percent": (20, _integer(0, 100)),
+        "budget_min": (3, _integer(0)),
+        "backoff_base": (0.025, _seconds),
+        "backoff_max": (0.25, _seconds),
+        "replay_max_bytes": (1024 * 1024, _integer(0)),
+    },
+    "admin": {
+        # Who may POST /lb/backends/<name>/drain|ready|maint.
+        "allow": (["127.0.0.0/8", "::1"], _networks),
+    },
 }
+
+# Sections written as [a.b] in TOML: a table of tables.
+_PARENTS = sorted({name.split(".", 1)[0] for name in SECTIONS if "." in name})
 
 BACKEND_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
@@ -199,20 +339,49 @@ def load(path: str) -> Config:
 
 def parse(raw: dict[str, Any]) -> Config:
     """Validate an already-parsed TOML document."""
-    unknown = sorted(set(raw) - set(SECTIONS) - {"backend"})
+    top = {name for name in SECTIONS if "." not in name} | set(_PARENTS) | {"backend"}
+    unknown = sorted(set(raw) - top)
     if unknown:
         raise ConfigError(unknown[0], f"unknown section or key (known: "
-                          f"{', '.join(sorted(SECTIONS) + ['backend'])})")
-    values = {name: _section(name, raw.get(name, {})) for name in SECTIONS}
+                          f"{', '.join(sorted(top))})")
+    for parent in _PARENTS:
+        table = raw.get(parent, {})
+        if not isinstance(table, dict):
+            raise ConfigError(parent, f"must be a table ([{parent}.*]), got {_show(table)}")
+        children = {name.split(".", 1)[1] for name in SECTIONS if name.startswith(parent + ".")}
+        extra = sorted(set(table) - children)
+        if extra:
+            raise ConfigError(f"{parent}.{extra[0]}",
+                              f"unknown section (known: {', '.join(sorted(children))})")
+    values = {name: _section(name, _table(raw, name)) for name in SECTIONS}
     host, port = values["listen"]["address"]
+    passive, retry = values["health.passive"], values["retry"]
+    if passive["max_ejection"] < passive["base_ejection"]:
+        raise ConfigError("health.passive.max_ejection",
+                          f"must be >= base_ejection ({passive['base_ejection']:g}), "
+                          f"got {passive['max_ejection']:g}")
+    if retry["backoff_max"] < retry["backoff_base"]:
+        raise ConfigError("retry.backoff_max", f"must be >= backoff_base "
+                          f"({retry['backoff_base']:g}), got {retry['backoff_max']:g}")
+    balancing = Balancing(**values["balancer"])
     return Config(
         listen=Listen(host=host, port=port),
         limits=Limits(**values["limits"]),
         timeouts=Timeouts(**values["timeouts"]),
         pool=Pool(**values["pool"]),
         log=Log(**values["log"]),
-        backends=_backends(raw.get("backend")),
+        balancer=balancing,
+        passive=Passive(**passive),
+        active=Active(**values["health.active"]),
+        retry=Retry(**retry),
+        admin=Admin(**values["admin"]),
+        backends=_backends(raw.get("backend"), balancing.max_concurrency),
     )
+
+
+def _table(raw: dict[str, Any], name: str) -> Any:
+    parent, _, child = name.partition(".")
+    return raw.get(parent, {}).get(child, {}) if child else raw.get(name, {})
 
 
 def _section(name: str, table: Any) -> dict[str, Any]:
@@ -232,7 +401,16 @@ def _section(name: str, table: Any) -> dict[str, Any]:
     return out
 
 
-def _backends(entries: Any) -> tuple[BackendConfig, ...]:
+# Per-backend keys beyond name and url: key -> checker (defaults come from
+# [balancer] or the dataclass).
+BACKEND_KEYS: dict[str, Callable[[Any], Any]] = {
+    "max_concurrency": _integer(1, 100_000),
+    "weight": _integer(1, 1000),
+    "health_path": _health_path,
+}
+
+
+def _backends(entries: Any, max_concurrency: int) -> tuple[BackendConfig, ...]:
     if entries is None:
         raise ConfigError("backend", "no backends configured (add at least one [[backend]] table)")
     if not isinstance(entries, list):
@@ -245,9 +423,17 @@ def _backends(entries: Any) -> tuple[BackendConfig, ...]:
         where = f"backend[{i}]"
         if not isinstance(entry, dict):
             raise ConfigError(where, "must be a table ([[backend]])")
-        unknown = sorted(set(entry) - {"name", "url"})
+        known = ("name", "url", *BACKEND_KEYS)
+        unknown = sorted(set(entry) - set(known))
         if unknown:
-            raise ConfigError(f"{where}.{unknown[0]}", "unknown key (known: name, url)")
+            raise ConfigError(f"{where}.{unknown[0]}", f"unknown key (known: {', '.join(known)})")
+        extra = {"max_concurrency": max_concurrency}
+        for key, check in BACKEND_KEYS.items():
+            if key in entry:
+                try:
+                    extra[key] = check(entry[key])
+                except ValueError as exc:
+                    raise ConfigError(f"{where}.{key}", str(exc)) from None
         name = entry.get("name")
         if not isinstance(name, str) or not BACKEND_NAME.fullmatch(name):
             raise ConfigError(f"{where}.name", "must be 1-64 letters, digits, '.', '_' or '-' "
@@ -257,7 +443,7 @@ def _backends(entries: Any) -> tuple[BackendConfig, ...]:
         seen.add(name)
         host, port = _backend_url(f"{where}.url", entry.get("url"))
         out.append(BackendConfig(name=name, url=f"http://{_bracket(host)}:{port}",
-                                 host=host, port=port))
+                                 host=host, port=port, **extra))
     return tuple(out)
 
 

@@ -1,34 +1,51 @@
-"""The balancer's own endpoints: /health, /lb-stats, /metrics.
+"""The balancer's own endpoints: /health, /lb-stats, /metrics, and the
+operator's POST /lb/backends/<name>/drain|ready|maint.
 
-Each handler takes the balancer and the request and returns
-(status, content type, body).  They read counters only; nothing here waits.
+Each handler takes the balancer, the request and the client's address and
+returns (status, content type, body), or raises EndpointError.  They read
+counters or flip a state; nothing here waits, and nothing here queues behind
+backend work.
 """
 
 from __future__ import annotations
 
 import html
+import ipaddress
+import time
 from typing import TYPE_CHECKING, Callable
 
 import h11
 import orjson
 
 from . import headers as hdr
+from .health import ADMIN_STATES
 
 if TYPE_CHECKING:
     from .balancer import Balancer
 
 JSON = b"application/json"
-Handler = Callable[["Balancer", h11.Request], tuple[int, bytes, bytes]]
+Handler = Callable[["Balancer", h11.Request, str], tuple[int, bytes, bytes]]
+Route = tuple[Handler, tuple[bytes, ...]]   # handler, methods it takes
+
+ADMIN_PREFIX = b"/lb/backends/"
 
 
-def health(balancer: "Balancer", request: h11.Request) -> tuple[int, bytes, bytes]:
-    usable = sum(1 for b in balancer.backends if b.up)
+class EndpointError(Exception):
+    def __init__(self, status: int, reason: str):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+def health(balancer: "Balancer", request: h11.Request, peer: str) -> tuple[int, bytes, bytes]:
+    now = time.monotonic()
+    usable = sum(1 for b in balancer.backends if b.health.in_rotation(now))
     body = {"status": "ok" if usable else "unavailable",
             "backends_usable": usable, "backends_total": len(balancer.backends)}
     return (200 if usable else 503), JSON, orjson.dumps(body)
 
 
-def lb_stats(balancer: "Balancer", request: h11.Request) -> tuple[int, bytes, bytes]:
+def lb_stats(balancer: "Balancer", request: h11.Request, peer: str) -> tuple[int, bytes, bytes]:
     stats = balancer.snapshot()
     if hdr.wants_html(request.headers):
         return 200, b"text/html; charset=utf-8", _stats_html(stats).encode("utf-8")
@@ -40,10 +57,12 @@ def _stats_html(stats: dict) -> str:
     for b in stats["backends"]:
         last = b["last_error"]["reason"] if b["last_error"] else ""
         state = b["state"].upper()
-        colour = "#2a2" if b["state"] == "up" else "#c22"
+        colour = {"up": "#2a2", "slow-start": "#2a2", "half-open": "#c80",
+                  "draining": "#c80", "drained": "#888", "maint": "#888"}.get(b["state"], "#c22")
         rows.append(
             f"<tr><td>{html.escape(b['name'])}</td><td>{html.escape(b['url'])}</td>"
-            f"<td style='color:{colour}'><b>{state}</b></td><td>{b['in_flight']}</td>"
+            f"<td style='color:{colour}'><b>{state}</b></td>"
+            f"<td>{b['in_flight']} / {b['limit_now']}</td><td>{b['peak_in_flight']}</td>"
             f"<td>{b['requests']}</td><td>{b['errors']}</td><td>{html.escape(last)}</td></tr>")
     conns = stats["connections"]
     return (
@@ -53,12 +72,15 @@ def _stats_html(stats: dict) -> str:
         f"<p>pid {stats['pid']} &middot; up {stats['uptime_s']:.0f}s &middot; "
         f"{conns['open']} of {conns['max']} connections &middot; "
         f"{stats['requests']['total']} requests</p>"
-        "<table><tr><th>backend</th><th>url</th><th>state</th><th>active requests</th>"
+        f"<p>policy {stats['policy']} &middot; queue {stats['queue']['length']} of "
+        f"{stats['queue']['limit']} &middot; retries {stats['retry']['retries']}</p>"
+        "<table><tr><th>backend</th><th>url</th><th>state</th><th>active requests / limit</th>"
+        "<th>peak</th>"
         "<th>requests</th><th>errors</th><th>last error</th></tr>"
         + "".join(rows) + "</table></body></html>")
 
 
-def metrics(balancer: "Balancer", request: h11.Request) -> tuple[int, bytes, bytes]:
+def metrics(balancer: "Balancer", request: h11.Request, peer: str) -> tuple[int, bytes, bytes]:
     stats = balancer.snapshot()
     out: list[str] = []
 
@@ -83,8 +105,32 @@ def metrics(balancer: "Balancer", request: h11.Request) -> tuple[int, bytes, byt
     def per_backend(key: str) -> list[tuple[str, float]]:
         return [(f'{{backend="{b["name"]}"}}', b[key]) for b in backends]
 
-    family("backend_up", "gauge", "1 if the backend is usable.",
-           [(f'{{backend="{b["name"]}"}}', int(b["state"] == "up")) for b in backends])
+    queue, retry = stats["queue"], stats["retry"]
+    family("queue_length", "gauge", "Requests waiting for a free backend slot.",
+           [("", queue["length"])])
+    family("queue_dispatched_total", "counter", "Requests that waited, then got a slot.",
+           [("", queue["dispatched"])])
+    family("queue_rejected_total", "counter", "Requests answered 503 by the queue.",
+           [('{reason="full"}', queue["rejected_full"]),
+            ('{reason="timeout"}', queue["timed_out"]),
+            ('{reason="no_backend"}', queue["no_backend"])])
+    family("retries_total", "counter", "Retries on another backend, by why.",
+           [(f'{{reason="{why}"}}', n) for why, n in sorted(retry["by_reason"].items())])
+    family("retries_denied_total", "counter", "Retries wanted but not made, by why.",
+           [(f'{{reason="{why}"}}', n) for why, n in sorted(retry["not_retried"].items())])
+    family("backend_up", "gauge", "1 if the backend is in the rotation.",
+           [(f'{{backend="{b["name"]}"}}', int(b["state"] in ("up", "slow-start", "half-open")))
+            for b in backends])
+    family("backend_state", "gauge", "The backend's state (1 for the current one).",
+           [(f'{{backend="{b["name"]}",state="{st}"}}', int(b["state"] == st))
+            for b in backends for st in BACKEND_STATES])
+    family("backend_ejections_total", "counter", "Passive ejections.", per_backend("ejections"))
+    family("backend_max_concurrency", "gauge", "Configured concurrency limit.",
+           per_backend("max_concurrency"))
+    family("backend_limit", "gauge", "Concurrency limit in force now (slow start, half-open).",
+           per_backend("limit_now"))
+    family("backend_peak_in_flight", "gauge", "Most requests ever held at once.",
+           per_backend("peak_in_flight"))
     family("backend_in_flight", "gauge", "Requests holding the backend now.", per_backend("in_flight"))
     family("backend_requests_total", "counter", "Requests sent to the backend.", per_backend("requests"))
     family("backend_responses_total", "counter", "Backend responses by status class.",
@@ -102,8 +148,48 @@ def metrics(balancer: "Balancer", request: h11.Request) -> tuple[int, bytes, byt
     return 200, b"text/plain; version=0.0.4; charset=utf-8", ("\n".join(out) + "\n").encode()
 
 
-ROUTES: dict[bytes, Handler] = {
-    b"/health": health,
-    b"/lb-stats": lb_stats,
-    b"/metrics": metrics,
+def admin(balancer: "Balancer", request: h11.Request, peer: str) -> tuple[int, bytes, bytes]:
+    """POST /lb/backends/<name>/<drain|ready|maint>."""
+    if not _allowed(peer, balancer.config.admin.allow):
+        raise EndpointError(403, f"admin requests are only taken from the addresses in "
+                            f"admin.allow, not from {peer}")
+    path = request.target.split(b"?", 1)[0]
+    name, _, action = path[len(ADMIN_PREFIX):].decode("ascii", "replace").partition("/")
+    backend = balancer.by_name.get(name)
+    if backend is None:
+        raise EndpointError(404, f"no backend named {name!r} (known: "
+                            f"{', '.join(balancer.by_name)})")
+    if action not in ADMIN_STATES:
+        raise EndpointError(404, f"unknown action {action!r}: use "
+                            f"{ADMIN_PREFIX.decode()}{name}/{'|'.join(ADMIN_STATES)}")
+    balancer.scheduler.set_admin(backend, action)
+    return 200, JSON, orjson.dumps(backend.snapshot(time.monotonic()), option=orjson.OPT_INDENT_2)
+
+
+def _allowed(peer: str, networks: tuple) -> bool:
+    try:
+        ip = ipaddress.ip_address(peer.split("%", 1)[0])
+    except ValueError:
+        return False   # a Unix socket or an unknown peer: not from an allowed address
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped   # a dual-stack listener sees IPv4 clients as ::ffff:a.b.c.d
+    return any(ip in net for net in networks)
+
+
+_READ = (b"GET", b"HEAD")
+BACKEND_STATES = ("up", "slow-start", "half-open", "ejected", "down", "draining", "drained",
+                  "maint")
+
+ROUTES: dict[bytes, Route] = {
+    b"/health": (health, _READ),
+    b"/lb-stats": (lb_stats, _READ),
+    b"/metrics": (metrics, _READ),
 }
+
+
+def route(path: bytes) -> Route | None:
+    """The built-in endpoint for a request path, if it is one."""
+    found = ROUTES.get(path)
+    if found is None and path.startswith(ADMIN_PREFIX):
+        return admin, (b"POST",)
+    return found

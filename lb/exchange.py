@@ -1,22 +1,31 @@
-"""One proxied request's life: pick a backend, forward, stream back, account.
+"""One proxied request's life: a slot, forward, stream back, recover, account.
 
-Bodies stream both ways with backpressure and nothing is buffered beyond one
-write-buffer's worth: while the backend connection is being opened, request
-body chunks wait in `_pending` and the client is paused once that passes the
-high-water mark; after that, each side's reading pauses while the other
-side's write buffer is above its high-water mark.
+A request first gets a slot on a backend from the scheduler, or waits in its
+queue (QUEUED).  Then it is forwarded; bodies stream both ways with
+backpressure and nothing is buffered beyond one write-buffer's worth: while
+no backend connection is ready, request body chunks wait in `_pending` and
+the client is paused once that passes the high-water mark; after that, each
+side's reading pauses while the other side's write buffer is above its
+high-water mark.
 
 One `Deadline` watches the whole exchange; what it means depends on the phase:
 
+    QUEUED     waiting for a slot            -> `balancer.queue_timeout`, then 503
     SENDING    request body still coming     -> `timeouts.idle` of silence
     WAITING    request sent, no response yet -> `timeouts.first_byte`
     RECEIVING  response body streaming       -> `timeouts.idle` of silence
+    BACKOFF    between two attempts          -> the jittered back-off
 
 (connecting is bounded by `timeouts.connect` in the pool).
 
-The commit point: until the response head has gone to the client, a failure
-becomes a JSON error answer (502/504); after it, the client connection is
-closed without ending the body, so a cut-short response never looks whole.
+The commit point: until the response head has gone to the client, a failed
+attempt is retried on another backend when the failure is one worth retrying
+(retry.RETRYABLE_KINDS, or a status in `retry.statuses`), attempts remain,
+the retry budget allows and the request body was kept whole (up to
+`retry.replay_max_bytes`); otherwise it becomes a JSON error answer
+(502/503/504) or, for a status, the backend's own answer.  After the commit
+point, the client connection is closed without ending the body, so a
+cut-short response never looks whole.
 """
 
 from __future__ import annotations
@@ -28,22 +37,24 @@ from typing import TYPE_CHECKING
 import h11
 
 from . import headers as hdr
+from .backend import Backend
+from .retry import RETRYABLE_KINDS
+from .scheduler import NO_BACKEND, QUEUE_FULL, Ticket
 from .timer import Deadline
 
 if TYPE_CHECKING:
-    from .backend import Backend
     from .balancer import Balancer
     from .client import ClientConnection
     from .upstream import UpstreamConnection
 
-CONNECTING, SENDING, WAITING, RECEIVING, DONE = range(5)
+QUEUED, CONNECTING, SENDING, WAITING, RECEIVING, BACKOFF, DONE = range(7)
 
 # The keep-alive race: a backend closes an idle pooled connection just as we
 # send a request on it.  Such a request was never processed, so it is sent
-# again once on a fresh connection, if its body (up to REPLAY_LIMIT bytes) is
-# still at hand and the loss came within REPLAY_WINDOW seconds of sending.
-# A later loss means the backend may have worked on it: that is a failure.
-REPLAY_LIMIT = 64 * 1024
+# again once, to the same backend on a fresh connection, if its body is still
+# kept and the loss came within REPLAY_WINDOW seconds of sending.  That is
+# not a retry and not the backend's failure.  A later loss means the backend
+# may have worked on it: a failure, which may be retried elsewhere.
 REPLAY_WINDOW = 0.25
 
 # While connecting, a backstop beyond timeouts.connect in case the connect
@@ -56,9 +67,11 @@ _EndOfMessage = h11.EndOfMessage()
 class Exchange:
     __slots__ = ("balancer", "client", "request", "request_id", "started", "phase",
                  "backend", "upstream", "_pending", "_pending_bytes", "_request_ended",
-                 "_replay", "_replay_bytes", "info", "_deadline", "_connect_task",
+                 "_kept", "_kept_bytes", "info", "_deadline", "_connect_task",
                  "bytes_in", "bytes_out", "status", "ttfb", "note", "response_started",
-                 "_upstream_request", "_reused", "_sent_at", "_resend_body")
+                 "_upstream_request", "_reused", "_sent_at", "_replaying", "_race_ok",
+                 "ticket", "queued_for", "tried", "why", "_holding", "_verdict",
+                 "_retrying")
 
     def __init__(self, balancer: "Balancer", client: "ClientConnection",
                  request: h11.Request, info: hdr.RequestInfo):
@@ -68,20 +81,28 @@ class Exchange:
         self.info = info
         self.request_id = info.request_id
         self.started = time.monotonic()
-        self.phase = CONNECTING
-        self.backend: Backend | None = None
+        self.phase = QUEUED
+        self.backend: Backend | None = None   # of the current (or last) attempt
         self.upstream: UpstreamConnection | None = None
-        self._pending: list[bytes] = []      # body received before the backend is connected
+        self._pending: list[bytes] = []      # body not yet sent on this attempt
         self._pending_bytes = 0
         self._request_ended = False
-        self._replay: list[bytes] | None = []  # body kept for one resend on a stale connection
-        self._replay_bytes = 0
+        self._kept: list[bytes] | None = []  # the whole body so far, for a replay
+        self._kept_bytes = 0
+        self._replaying = False              # the next attach sends `_kept` from the start
+        self._race_ok = False                # a keep-alive race resend is still possible
         self._deadline = Deadline(balancer.loop, self._on_deadline)
         self._connect_task: asyncio.Task | None = None
         self._upstream_request: h11.Request | None = None
         self._reused = False
         self._sent_at = 0.0                   # when the request went out on `upstream`
-        self._resend_body: list[bytes] = []   # what a resend replays before `_pending`
+        self._holding = False                 # this attempt holds a slot on `backend`
+        self._verdict = False                 # this attempt's outcome was reported to health
+        self._retrying = False                # counted among the budget's retries
+        self.ticket: Ticket | None = None     # our place in the queue while QUEUED
+        self.queued_for = 0.0                 # seconds waited in the queue, in all
+        self.tried: list[str] = []            # backend of each attempt
+        self.why: list[str] = []              # why each failed attempt failed
         self.bytes_in = 0                     # request body bytes from the client
         self.bytes_out = 0                    # response body bytes to the client
         self.status = 0                       # what the client got (499: it left)
@@ -89,16 +110,65 @@ class Exchange:
         self.note = ""                        # why it failed, for the access log
         self.response_started = False
 
-    # --- start
+    # --- getting a slot
 
     def start(self) -> None:
-        backend = self.balancer.policy.pick(self.balancer.backends)
-        if backend is None:
-            self._answer_error(503, "no backend available")
-            return
+        self.balancer.retry.active += 1
+        self._acquire()
+
+    def _acquire(self) -> None:
+        scheduler = self.balancer.scheduler
+        result = scheduler.acquire(self, frozenset(self.tried), retry=bool(self.tried))
+        if isinstance(result, Backend):
+            self._begin(result)
+        elif isinstance(result, Ticket):
+            self.ticket = result
+            self.phase = QUEUED
+            self._deadline.set(self.balancer.config.balancer.queue_timeout)
+        elif result == QUEUE_FULL:
+            self._give_up(f"every backend is at its concurrency limit and the queue is full "
+                          f"({scheduler.queue_limit} waiting, balancer.queue_limit)")
+        else:
+            assert result == NO_BACKEND
+            self.no_backend()
+
+    def dispatch(self, backend: Backend) -> None:
+        """The scheduler found us a slot (we were queued)."""
+        self._left_queue()
+        self._begin(backend)
+
+    def no_backend(self) -> None:
+        """No backend is in the rotation (all ejected, down, drained or in maintenance)."""
+        self._left_queue()
+        self._give_up("no backend available: " + self.balancer.why_no_backend())
+
+    def _left_queue(self) -> None:
+        if self.ticket is not None:
+            self.queued_for += time.monotonic() - self.ticket.since
+            self.ticket = None
+
+    def _queue_timed_out(self) -> None:
+        self.balancer.scheduler.cancel(self.ticket, timed_out=True)
+        self._left_queue()
+        self._give_up(f"every backend stayed at its concurrency limit for "
+                      f"{self.balancer.config.balancer.queue_timeout:g}s "
+                      f"(balancer.queue_timeout)")
+
+    def _give_up(self, reason: str) -> None:
+        """503 with Retry-After: the fleet cannot take this request now."""
+        if self.why:
+            reason += " (after " + "; ".join(self.why) + ")"
+        self._answer_error(503, reason, extra=[(b"retry-after", b"1")])
+
+    # --- one attempt
+
+    def _begin(self, backend: Backend) -> None:
         self.backend = backend
-        backend.in_flight += 1
-        backend.requests += 1
+        self._holding = True
+        self._verdict = False
+        self.tried.append(backend.name)
+        if len(self.tried) > 1:
+            self._replaying = True   # a retry sends the whole body again
         info = self.info
         self._upstream_request = hdr.request_event(
             self.request.method, self.request.target,
@@ -115,10 +185,9 @@ class Exchange:
         self.phase = CONNECTING
         # The pool bounds connecting with timeouts.connect; this is the backstop.
         self._deadline.set(self.balancer.config.timeouts.connect + CONNECT_BACKSTOP)
-        self._connect_task = self.balancer.loop.create_task(self._open_connection())
+        self._connect_task = self.balancer.loop.create_task(self._open_connection(self.backend))
 
-    async def _open_connection(self) -> None:
-        backend = self.backend
+    async def _open_connection(self, backend: Backend) -> None:
         try:
             conn = await backend.pool.connect()
         except asyncio.TimeoutError:
@@ -137,8 +206,8 @@ class Exchange:
             self._fail("connect", 502, f"cannot connect to backend {backend.name}: {exc!r}")
             return
         self._connect_task = None
-        if self.phase == DONE:       # the client left while we were connecting
-            backend.pool.release(conn)
+        if self.phase != CONNECTING or self.backend is not backend:
+            backend.pool.release(conn)   # the client left, or this attempt was given up
             return
         self._attach(conn, reused=False)
 
@@ -146,16 +215,17 @@ class Exchange:
         self.upstream = conn
         conn.owner = self
         self._reused = reused
-        if not reused:
-            self._replay = None  # a fresh connection is never part of the race
+        self._race_ok = reused
         self._sent_at = time.monotonic()
         conn.send(self._upstream_request)
-        # A resend first replays what the lost connection had been sent.
-        for chunk in self._resend_body:
-            conn.send_data(chunk)
-        self._resend_body = []
-        for chunk in self._pending:
-            conn.send_data(chunk)
+        if self._replaying:
+            # The whole body so far; `_pending` is its tail, so it goes too.
+            self._replaying = False
+            for chunk in self._kept:
+                conn.send_data(chunk)
+        else:
+            for chunk in self._pending:
+                conn.send_data(chunk)
         self._pending.clear()
         self._pending_bytes = 0
         if self.client.write_paused:
@@ -176,30 +246,31 @@ class Exchange:
         if self.phase == DONE:
             return
         self.bytes_in += len(data)
-        if self.bytes_in > self.balancer.config.limits.max_body_bytes:
+        limits = self.balancer.config.limits
+        if self.bytes_in > limits.max_body_bytes:
             self._client_error(413, "request body larger than limits.max_body_bytes "
-                               f"({self.balancer.config.limits.max_body_bytes} bytes)")
+                               f"({limits.max_body_bytes} bytes)")
             return
-        if self._replay is not None:
-            self._replay_bytes += len(data)
-            if self._replay_bytes > REPLAY_LIMIT:
-                self._replay = None
+        if self._kept is not None:
+            self._kept_bytes += len(data)
+            if self._kept_bytes > self.balancer.config.retry.replay_max_bytes:
+                self._kept = None    # streamed on; this request cannot be sent again
             else:
-                self._replay.append(data)
-        if self.phase == CONNECTING:
-            self._pending.append(data)
-            self._pending_bytes += len(data)
-            if self._pending_bytes > self.balancer.config.limits.write_buffer_high:
-                self.client.pause_reading_for_backpressure()
-        elif self.upstream is not None:
+                self._kept.append(data)
+        if self.upstream is not None:
             self._deadline.set(self.balancer.config.timeouts.idle)
             self.upstream.send_data(data)
+        else:   # queued, connecting, or between attempts
+            self._pending.append(data)
+            self._pending_bytes += len(data)
+            if self._pending_bytes > limits.write_buffer_high:
+                self.client.pause_reading_for_backpressure()
 
     def client_end(self) -> None:
         if self.phase == DONE:
             return
         self._request_ended = True
-        if self.phase != CONNECTING and self.upstream is not None:
+        if self.upstream is not None:
             self.upstream.send(_EndOfMessage)
             if self.phase == SENDING:
                 self._enter(WAITING)
@@ -217,6 +288,7 @@ class Exchange:
         self.note = "client closed connection"
         if self.upstream is not None:
             self.upstream.abort()
+            self.upstream = None
         self._finish()
 
     def client_write_paused(self) -> None:
@@ -241,13 +313,26 @@ class Exchange:
 
     def upstream_response(self, response: h11.Response) -> None:
         backend = self.backend
-        backend.record_response(response.status_code)
-        self.status = response.status_code
+        status = response.status_code
+        backend.record_response(status)
+        config = self.balancer.config
+        self._verdict = True
+        if status in config.passive.statuses:
+            self.balancer.scheduler.failed(backend, local=False,
+                                           reason=f"answered {status}")
+        else:
+            self.balancer.scheduler.succeeded(backend)
+        if status in config.retry.statuses and self._may_retry(f"{backend.name} answered {status}"):
+            self._drop_upstream()
+            self._retry(f"status_{status}")
+            return
+        self.status = status
         self.ttfb = time.monotonic() - self.started
         self.response_started = True
-        self._replay = None
+        self._kept = None
+        self._race_ok = False
         self._enter(RECEIVING)
-        self.client.send_response(response.status_code,
+        self.client.send_response(status,
                                   hdr.to_client(hdr.as_list(response.headers),
                                                 request_id=self.request_id),
                                   response.reason)
@@ -273,11 +358,12 @@ class Exchange:
         if self.phase == DONE:
             return
         self.upstream = None
-        if (not self.response_started and self._reused and self._replay is not None
+        if (not self.response_started and self._race_ok and self._kept is not None
                 and time.monotonic() - self._sent_at < REPLAY_WINDOW):
             # The keep-alive race (see REPLAY_WINDOW): send it again on a
             # fresh connection.  Only once: a second loss is the backend's.
-            self._resend_body, self._replay = self._replay, None
+            self._race_ok = False
+            self._replaying = True
             self._connect()
             return
         if self.response_started:
@@ -298,7 +384,11 @@ class Exchange:
 
     def _on_deadline(self) -> None:
         timeouts = self.balancer.config.timeouts
-        if self.phase == CONNECTING:
+        if self.phase == QUEUED:
+            self._queue_timed_out()
+        elif self.phase == BACKOFF:
+            self._acquire()
+        elif self.phase == CONNECTING:
             self._fail("connect_timeout", 504, f"backend {self.backend.name} did not accept "
                        f"a connection within {timeouts.connect:g}s")
         elif self.phase == SENDING:
@@ -318,14 +408,57 @@ class Exchange:
                 self._fail("idle_timeout", 504, f"backend {self.backend.name} sent nothing for "
                            f"{timeouts.idle:g}s in the middle of the response")
 
-    # --- endings
+    # --- failures and retries
 
     def _fail(self, kind: str, status: int, reason: str) -> None:
-        """The backend failed us: count it, then answer or break the response."""
+        """The backend failed us: count it, then retry, answer, or break the response."""
         if self.phase == DONE:
             return
-        self.backend.record_failure(kind, reason)
+        backend = self.backend
+        backend.record_failure(kind, reason)
+        self._verdict = True
+        self.balancer.scheduler.failed(backend, local=True, reason=reason)
+        if (not self.response_started and kind in RETRYABLE_KINDS
+                and self._may_retry(reason)):
+            self._drop_upstream()
+            self._retry(kind)
+            return
         self._abandon(status, reason)
+
+    def _may_retry(self, reason: str) -> bool:
+        """Is another attempt allowed?  Records why the failed one failed, and
+        why there will be no retry when there is none."""
+        self.why.append(reason)
+        retry = self.balancer.retry
+        if len(self.tried) >= retry.cfg.attempts:
+            return False
+        if self._kept is None:
+            retry.denied["body_too_large"] += 1
+            self.why.append(f"not retried: request body over retry.replay_max_bytes "
+                            f"({retry.cfg.replay_max_bytes} bytes)")
+            return False
+        if not self._retrying and not retry.allows():
+            retry.denied["budget"] += 1
+            self.why.append("not retried: retry budget spent (retry.budget_percent)")
+            return False
+        return True
+
+    def _retry(self, reason: str) -> None:
+        retry = self.balancer.retry
+        retry.retries += 1
+        retry.by_reason[reason] += 1
+        if not self._retrying:
+            self._retrying = True
+            retry.retrying += 1
+        self._release_slot()
+        self._pending.clear()
+        self._pending_bytes = 0
+        self._replaying = True
+        self._race_ok = False
+        self.phase = BACKOFF
+        self._deadline.set(retry.backoff(len(self.tried)))
+
+    # --- endings
 
     def _client_error(self, status: int, reason: str) -> None:
         """The client broke the rules mid-request: answer if we still can, drop the backend."""
@@ -335,20 +468,36 @@ class Exchange:
         """Drop the backend connection; answer `status` if nothing was sent yet,
         else end the client's response visibly broken."""
         self.note = reason
-        if self.upstream is not None:
-            self.upstream.abort()
-            self.upstream = None
+        self._drop_upstream()
         if self.response_started:
             self._finish()
             self.client.abort_response()
         else:
             self._answer_error(status, reason, close=close)
 
-    def _answer_error(self, status: int, reason: str, close: bool = False) -> None:
+    def _answer_error(self, status: int, reason: str, close: bool = False,
+                      extra: hdr.Headers = ()) -> None:
         self.status = status
         self.note = reason
         self._finish()
-        self.client.send_error(status, reason, self.request_id, close=close)
+        self.client.send_error(status, reason, self.request_id, close=close, extra=extra)
+
+    def _drop_upstream(self) -> None:
+        if self.upstream is not None:
+            self.upstream.abort()
+            self.upstream = None
+        if self._connect_task is not None:
+            self._connect_task.cancel()
+            self._connect_task = None
+
+    def _release_slot(self) -> None:
+        if self._holding:
+            self._holding = False
+            backend = self.backend
+            scheduler = self.balancer.scheduler
+            scheduler.release(backend)
+            if not self._verdict:
+                scheduler.abandoned(backend)
 
     def _finish(self) -> None:
         """Release the backend slot and account, exactly once."""
@@ -356,15 +505,25 @@ class Exchange:
             return
         self.phase = DONE
         self._deadline.cancel()
+        self._drop_upstream_task()
+        if self.ticket is not None:
+            self.balancer.scheduler.cancel(self.ticket)
+            self._left_queue()
+        self._pending.clear()
+        self._kept = None
+        retry = self.balancer.retry
+        retry.active -= 1
+        if self._retrying:
+            retry.retrying -= 1
+            retry.remember(self.request_id, self.status, self.tried, self.why)
+        backend = self.backend
+        if backend is not None:
+            backend.bytes_sent += self.bytes_in
+            backend.bytes_received += self.bytes_out
+        self._release_slot()
+        self.balancer.request_finished(self)
+
+    def _drop_upstream_task(self) -> None:
         if self._connect_task is not None:
             self._connect_task.cancel()
             self._connect_task = None
-        self._pending.clear()
-        self._replay = None
-        self._resend_body = []
-        backend = self.backend
-        if backend is not None:
-            backend.in_flight -= 1
-            backend.bytes_sent += self.bytes_in
-            backend.bytes_received += self.bytes_out
-        self.balancer.request_finished(self)

@@ -119,8 +119,13 @@ class Balancer(Process):
         raise AssertionError(f"{field} not in /proc/{self.proc.pid}/status")
 
 
-def lb_config(backends: list[str], **sections: dict) -> str:
-    """TOML text: a balancer on 127.0.0.1:0 in front of `backends` (URLs)."""
+def lb_config(backends: list, **sections: dict) -> str:
+    """TOML text: a balancer on 127.0.0.1:0 in front of `backends`.
+
+    Each backend is a URL, or a dict with "url" and any per-backend keys
+    (max_concurrency, weight, health_path); they are named b0, b1, ...
+    Sections are keyword arguments; dotted ones as **{"health.passive": {...}}.
+    """
     merged = {"listen": {"address": "127.0.0.1:0"}, "log": {"access": True}}
     for name, values in sections.items():
         merged.setdefault(name, {}).update(values)
@@ -128,8 +133,10 @@ def lb_config(backends: list[str], **sections: dict) -> str:
     for name, values in merged.items():
         out.append(f"[{name}]")
         out.extend(f"{key} = {json.dumps(value)}" for key, value in values.items())
-    for i, url in enumerate(backends):
-        out += ["[[backend]]", f'name = "b{i}"', f'url = "{url}"']
+    for i, entry in enumerate(backends):
+        entry = {"url": entry} if isinstance(entry, str) else entry
+        out += ["[[backend]]", f'name = "b{i}"']
+        out.extend(f"{key} = {json.dumps(value)}" for key, value in entry.items())
     return "\n".join(out) + "\n"
 
 

@@ -7,7 +7,9 @@ plus a few `python -m lb --check` subprocesses for the command-line contract.
 from __future__ import annotations
 
 import copy
+import ipaddress
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,15 +18,22 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import lb.policy
 from lb.config import (
+    BACKEND_KEYS,
     SECTIONS,
+    Active,
+    Admin,
     BackendConfig,
+    Balancing,
     Config,
     ConfigError,
     Limits,
     Listen,
     Log,
+    Passive,
     Pool,
+    Retry,
     Timeouts,
     load,
     parse,
@@ -36,10 +45,37 @@ CONF = ROOT / "conf" / "lb.toml"
 ONE_BACKEND = [{"name": "gpu0", "url": "http://127.0.0.1:6093"}]
 
 
+# Sections written [a.b] in TOML live in SECTIONS as "a.b" and in Config under
+# their own attribute; the rest have the attribute of the same name.
+ATTRS = {"health.passive": "passive", "health.active": "active"}
+
+
+def table_of(raw: dict, section: str) -> dict:
+    """The table for `section` in a raw document, nested as TOML nests [a.b]."""
+    for part in section.split("."):
+        raw = raw.setdefault(part, {})
+    return raw
+
+
+def put(raw: dict, section: str, value) -> None:
+    """Set a whole section: raw["health"]["active"] for "health.active"."""
+    parent, _, child = section.rpartition(".")
+    (table_of(raw, parent) if parent else raw)[child] = value
+
+
+def section_of(config: Config, section: str):
+    return getattr(config, ATTRS.get(section, section))
+
+
 def minimal(**sections) -> dict:
-    """A valid raw document: one backend plus the given sections."""
+    """A valid raw document: one backend plus the given sections.
+
+    A dotted name (``**{"health.active": {...}}``) is placed as the nested table
+    TOML's ``[health.active]`` produces, never as a literal top-level key.
+    """
     raw = {"backend": copy.deepcopy(ONE_BACKEND)}
-    raw.update(copy.deepcopy(sections))
+    for section, value in sections.items():
+        put(raw, section, copy.deepcopy(value))
     return raw
 
 
@@ -59,7 +95,23 @@ EXPECTED_DEFAULTS = dict(
     timeouts=Timeouts(client_header=10.0, connect=2.0, first_byte=60.0, idle=60.0),
     pool=Pool(max_idle=32, idle_timeout=4.0),
     log=Log(access=True, level="info"),
+    balancer=Balancing(policy="least_conn", max_concurrency=4, queue_limit=1024,
+                       queue_timeout=10.0, slow_start=10.0),
+    passive=Passive(consecutive_failures=3, consecutive_5xx=5, statuses=(500, 502, 503, 504),
+                    base_ejection=10.0, max_ejection=120.0, jitter=0.1,
+                    max_ejected_percent=50),
+    active=Active(interval=2.0, timeout=1.0, rise=2, fall=3),
+    retry=Retry(attempts=2, statuses=(502, 503, 504), budget_percent=20, budget_min=3,
+                backoff_base=0.025, backoff_max=0.25, replay_max_bytes=1048576),
+    admin=Admin(allow=(ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))),
 )
+
+FLOAT_FIELDS = [("timeouts", k) for k in SECTIONS["timeouts"]] + [
+    ("pool", "idle_timeout"), ("balancer", "queue_timeout"), ("balancer", "slow_start"),
+    ("passive", "base_ejection"), ("passive", "max_ejection"), ("passive", "jitter"),
+    ("active", "interval"), ("active", "timeout"),
+    ("retry", "backoff_base"), ("retry", "backoff_max"),
+]
 
 
 def test_defaults_with_only_a_backend():
@@ -68,13 +120,25 @@ def test_defaults_with_only_a_backend():
     for section, expected in EXPECTED_DEFAULTS.items():
         assert getattr(config, section) == expected, section
     assert config.backends == (BackendConfig(name="gpu0", url="http://127.0.0.1:6093",
-                                             host="127.0.0.1", port=6093),)
+                                             host="127.0.0.1", port=6093, max_concurrency=4,
+                                             weight=1, health_path=""),)
+
+
+def test_expected_defaults_cover_every_config_field():
+    assert set(EXPECTED_DEFAULTS) | {"backends"} == set(Config.__dataclass_fields__)
+    assert {ATTRS.get(name, name) for name in SECTIONS} == set(EXPECTED_DEFAULTS)
 
 
 def test_default_timeouts_are_floats():
     config = parse(minimal())
-    for value in (*vars(config.timeouts).values(), config.pool.idle_timeout):
-        assert type(value) is float
+    for attr, field in FLOAT_FIELDS:
+        assert type(getattr(getattr(config, attr), field)) is float, (attr, field)
+
+
+def test_default_status_lists_are_tuples():
+    config = parse(minimal())
+    assert type(config.passive.statuses) is tuple and type(config.retry.statuses) is tuple
+    assert type(config.admin.allow) is tuple
 
 
 def test_shipped_config_loads_and_matches_the_defaults():
@@ -87,8 +151,9 @@ def test_shipped_config_loads_and_matches_the_defaults():
 
 def test_shipped_config_equals_parse_of_only_its_backends():
     shipped = load(str(CONF))
-    bare = parse({"backend": [{"name": "gpu0", "url": "http://127.0.0.1:6093"},
-                              {"name": "gpu1", "url": "http://127.0.0.1:6094"}]})
+    bare = parse({"backend": [
+        {"name": "gpu0", "url": "http://127.0.0.1:6093", "health_path": "/health"},
+        {"name": "gpu1", "url": "http://127.0.0.1:6094", "health_path": "/health"}]})
     assert shipped == bare
 
 
@@ -108,6 +173,7 @@ def test_backend_url_is_normalised():
                                 {"name": "b", "url": "http://[::1]:7001"},
                                 {"name": "c", "url": "http://10.0.0.1"}]})
     assert config.backends[0] == BackendConfig("a", "http://localhost:7000", "localhost", 7000)
+    assert config.backends[0].max_concurrency == 4 and config.backends[0].weight == 1
     assert config.backends[1] == BackendConfig("b", "http://[::1]:7001", "::1", 7001)
     assert config.backends[2] == BackendConfig("c", "http://10.0.0.1:80", "10.0.0.1", 80)
 
@@ -173,7 +239,9 @@ def test_unknown_top_level_key():
 
 @pytest.mark.parametrize("section,key", [
     ("timeouts", "conect"), ("limits", "max_conections"), ("pool", "idle"),
-    ("log", "acess"), ("listen", "port"),
+    ("log", "acess"), ("listen", "port"), ("balancer", "polcy"),
+    ("health.passive", "jiter"), ("health.active", "intervall"), ("retry", "attempt"),
+    ("admin", "allowed"),
 ])
 def test_unknown_key_in_section(section, key):
     exc = error_of(minimal(**{section: {key: 1}}))
@@ -186,23 +254,126 @@ def test_unknown_key_in_section(section, key):
 
 @pytest.mark.parametrize("section", sorted(SECTIONS))
 def test_section_not_a_table(section):
-    exc = error_of(minimal(**{section: 5}))
+    raw = minimal(**{section: 5})
+    if "." in section:
+        parent, child = section.split(".")
+        assert raw[parent] == {child: 5} and section not in raw
+    exc = error_of(raw)
     assert exc.key == section
     assert "must be a table" in exc.reason
 
 
-def test_unknown_key_in_backend():
-    raw = {"backend": [{"name": "a", "url": "http://h:1", "weight": 2}]}
+def test_minimal_nests_dotted_sections_side_by_side():
+    raw = minimal(**{"health.passive": {"jitter": 0.5}, "health.active": {"rise": 7}})
+    assert raw["health"] == {"passive": {"jitter": 0.5}, "active": {"rise": 7}}
+    config = parse(raw)
+    assert config.passive.jitter == 0.5 and config.active.rise == 7
+
+
+@pytest.mark.parametrize("value,shown", [(5, "integer"), ("x", "string"), ([{}], "array"),
+                                         (True, "boolean")])
+def test_health_not_a_table(value, shown):
+    exc = error_of(minimal(health=value))
+    assert exc.key == "health"
+    assert "must be a table" in exc.reason and shown in exc.reason
+
+
+def test_unknown_health_subsection_is_named():
+    exc = error_of(minimal(**{"health.bogus": {"x": 1}}))
+    assert exc.key == "health.bogus"
+    assert "unknown section" in exc.reason
+    assert "active" in exc.reason and "passive" in exc.reason
+
+
+def test_unknown_health_subsection_that_is_not_a_table_is_named():
+    exc = error_of(minimal(health={"passive": {}, "interval": 2}))
+    assert exc.key == "health.interval"
+    assert "unknown section" in exc.reason
+
+
+def test_literal_dotted_top_level_key_is_unknown():
+    # TOML's quoted key "health.active" = {...} is not the [health.active] table.
+    raw = minimal()
+    raw["health.active"] = {"interval": 2}
     exc = error_of(raw)
-    assert exc.key == "backend[0].weight"
+    assert exc.key == "health.active"
+    assert "unknown section" in exc.reason
+    assert "health" in exc.reason
+
+
+def test_unknown_top_level_reason_lists_the_new_sections():
+    exc = error_of(minimal(balancr={}))
+    assert exc.key == "balancr"
+    for name in ("admin", "backend", "balancer", "health", "retry"):
+        assert name in exc.reason
+
+
+def test_empty_health_table_gives_defaults():
+    config = parse(minimal(health={}))
+    assert config.passive == EXPECTED_DEFAULTS["passive"]
+    assert config.active == EXPECTED_DEFAULTS["active"]
+
+
+def test_unknown_key_in_backend():
+    raw = {"backend": [{"name": "a", "url": "http://h:1", "wieght": 2}]}
+    exc = error_of(raw)
+    assert exc.key == "backend[0].wieght"
     assert "unknown key" in exc.reason
+    # The reason names every key a backend may have.
+    for known in ("name", "url", *BACKEND_KEYS):
+        assert known in exc.reason
+    assert set(BACKEND_KEYS) == {"max_concurrency", "weight", "health_path"}
+
+
+def test_unknown_key_in_a_later_backend_names_its_index():
+    exc = error_of({"backend": [{"name": "a", "url": "http://h:1"},
+                                {"name": "b", "url": "http://h:2", "health": "/h"}]})
+    assert exc.key == "backend[1].health"
 
 
 # --- parse(): wrong types and ranges
 
 
-INT_KEYS = [("limits", k) for k in SECTIONS["limits"]] + [("pool", "max_idle")]
-SECONDS_KEYS = [("timeouts", k) for k in SECTIONS["timeouts"]] + [("pool", "idle_timeout")]
+INT_KEYS = [("limits", k) for k in SECTIONS["limits"]] + [("pool", "max_idle")] + [
+    ("balancer", "max_concurrency"), ("balancer", "queue_limit"),
+    ("health.passive", "consecutive_failures"), ("health.passive", "consecutive_5xx"),
+    ("health.passive", "max_ejected_percent"),
+    ("health.active", "rise"), ("health.active", "fall"),
+    ("retry", "attempts"), ("retry", "budget_percent"), ("retry", "budget_min"),
+    ("retry", "replay_max_bytes"),
+]
+SECONDS_KEYS = [("timeouts", k) for k in SECTIONS["timeouts"]] + [("pool", "idle_timeout")] + [
+    ("balancer", "queue_timeout"),
+    ("health.passive", "base_ejection"), ("health.passive", "max_ejection"),
+    ("health.active", "interval"), ("health.active", "timeout"),
+    ("retry", "backoff_base"), ("retry", "backoff_max"),
+]
+# Keys checked against another one (max >= base): setting one alone to an
+# arbitrary good value may break the pair, so the other is set to match.
+PARTNER = {
+    ("health.passive", "base_ejection"): "max_ejection",
+    ("health.passive", "max_ejection"): "base_ejection",
+    ("retry", "backoff_base"): "backoff_max",
+    ("retry", "backoff_max"): "backoff_base",
+}
+
+
+def with_value(section: str, key: str, value) -> dict:
+    """minimal() with section.key = value (and its partner, if any, equal to it)."""
+    table = {key: value}
+    if (section, key) in PARTNER:
+        table[PARTNER[section, key]] = value
+    return minimal(**{section: table})
+
+
+def test_every_int_and_seconds_key_is_listed():
+    """INT_KEYS/SECONDS_KEYS cover every integer and seconds key of every section."""
+    listed = set(INT_KEYS) | set(SECONDS_KEYS)
+    for section, keys in SECTIONS.items():
+        for key, (default, _) in keys.items():
+            if type(default) is int or (type(default) is float and key != "jitter"
+                                        and (section, key) != ("balancer", "slow_start")):
+                assert (section, key) in listed, (section, key)
 
 
 @pytest.mark.parametrize("section,key", INT_KEYS)
@@ -224,6 +395,15 @@ def test_integer_keys_reject_other_types(section, key, value, shown):
     ("limits", "max_body_bytes", -1),
     ("limits", "write_buffer_high", 4095), ("limits", "write_buffer_high", (64 << 20) + 1),
     ("pool", "max_idle", -1),
+    ("balancer", "max_concurrency", 0), ("balancer", "max_concurrency", 100_001),
+    ("balancer", "queue_limit", -1), ("balancer", "queue_limit", 1_000_001),
+    ("health.passive", "consecutive_failures", -1), ("health.passive", "consecutive_5xx", -1),
+    ("health.passive", "max_ejected_percent", -1), ("health.passive", "max_ejected_percent", 101),
+    ("health.active", "rise", 0), ("health.active", "rise", 101),
+    ("health.active", "fall", 0), ("health.active", "fall", 101),
+    ("retry", "attempts", 0), ("retry", "attempts", -1), ("retry", "attempts", 11),
+    ("retry", "budget_percent", -1), ("retry", "budget_percent", 101),
+    ("retry", "budget_min", -1), ("retry", "replay_max_bytes", -1),
 ])
 def test_integer_ranges(section, key, bad):
     exc = error_of(minimal(**{section: {key: bad}}))
@@ -237,10 +417,19 @@ def test_integer_ranges(section, key, bad):
     ("limits", "max_header_bytes", 1024), ("limits", "max_header_bytes", 1 << 20),
     ("limits", "write_buffer_high", 4096), ("limits", "write_buffer_high", 64 << 20),
     ("pool", "max_idle", 0), ("limits", "nofile", 1),
+    ("balancer", "max_concurrency", 1), ("balancer", "max_concurrency", 100_000),
+    ("balancer", "queue_limit", 0), ("balancer", "queue_limit", 1_000_000),
+    ("health.passive", "consecutive_failures", 0), ("health.passive", "consecutive_5xx", 0),
+    ("health.passive", "max_ejected_percent", 0), ("health.passive", "max_ejected_percent", 100),
+    ("health.active", "rise", 1), ("health.active", "rise", 100),
+    ("health.active", "fall", 1), ("health.active", "fall", 100),
+    ("retry", "attempts", 1), ("retry", "attempts", 10),
+    ("retry", "budget_percent", 0), ("retry", "budget_percent", 100),
+    ("retry", "budget_min", 0), ("retry", "replay_max_bytes", 0),
 ])
 def test_integer_range_bounds_are_inclusive(section, key, good):
     config = parse(minimal(**{section: {key: good}}))
-    assert getattr(getattr(config, section), key) == good
+    assert getattr(section_of(config, section), key) == good
 
 
 @pytest.mark.parametrize("section,key", SECONDS_KEYS)
@@ -262,8 +451,17 @@ def test_timeouts_must_be_numbers(section, key, bad, shown):
 
 @pytest.mark.parametrize("section,key", SECONDS_KEYS)
 def test_timeouts_accept_ints_and_small_floats(section, key):
-    assert getattr(getattr(parse(minimal(**{section: {key: 3}})), section), key) == 3.0
-    assert getattr(getattr(parse(minimal(**{section: {key: 0.001}})), section), key) == 0.001
+    value = getattr(section_of(parse(with_value(section, key, 3)), section), key)
+    assert value == 3.0 and type(value) is float
+    assert getattr(section_of(parse(with_value(section, key, 0.001)), section), key) == 0.001
+
+
+@pytest.mark.parametrize("section,key", SECONDS_KEYS)
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf")])
+def test_timeouts_must_be_finite(section, key, bad):
+    exc = error_of(minimal(**{section: {key: bad}}))
+    assert exc.key == f"{section}.{key}"
+    assert "finite" in exc.reason
 
 
 @pytest.mark.parametrize("bad", [1, "yes", "true", None])
@@ -278,6 +476,285 @@ def test_log_level_choice(bad):
     exc = error_of(minimal(log={"level": bad}))
     assert exc.key == "log.level"
     assert "must be one of debug, info, warning, error" in exc.reason
+
+
+# --- [balancer]
+
+
+POLICY_NAMES = ["least_conn", "p2c", "random", "round_robin"]
+
+
+def test_policy_names_match_lb_policy():
+    assert sorted(lb.policy.POLICIES) == POLICY_NAMES
+    # The reason for a bad policy lists exactly what config accepts.
+    exc = error_of(minimal(balancer={"policy": "nope"}))
+    listed = re.fullmatch(r"must be one of (.*), got string 'nope'", exc.reason)
+    assert listed, exc.reason
+    assert listed.group(1).split(", ") == sorted(lb.policy.POLICIES)
+
+
+@pytest.mark.parametrize("name", sorted(lb.policy.POLICIES))
+def test_every_lb_policy_is_accepted(name):
+    assert parse(minimal(balancer={"policy": name})).balancer.policy == name
+    assert lb.policy.make(name).name == name
+
+
+@pytest.mark.parametrize("bad", ["LEAST_CONN", "least-conn", "roundrobin", "", "p2c ",
+                                 1, True, ["p2c"], {"name": "p2c"}])
+def test_balancer_policy_choice(bad):
+    exc = error_of(minimal(balancer={"policy": bad}))
+    assert exc.key == "balancer.policy"
+    assert "must be one of least_conn, p2c, random, round_robin" in exc.reason
+
+
+@pytest.mark.parametrize("good", [0, 0.0, 0.5, 30, 1e6])
+def test_slow_start_accepts_zero_and_positive(good):
+    value = parse(minimal(balancer={"slow_start": good})).balancer.slow_start
+    assert value == good and type(value) is float
+
+
+@pytest.mark.parametrize("bad", [-1, -0.001, float("nan"), float("inf")])
+def test_slow_start_rejects_negative_and_non_finite(bad):
+    exc = error_of(minimal(balancer={"slow_start": bad}))
+    assert exc.key == "balancer.slow_start"
+    assert f"got {bad}" in exc.reason
+
+
+@pytest.mark.parametrize("bad,shown", [("10", "string"), (False, "boolean"), (True, "boolean"),
+                                       ([0], "array")])
+def test_slow_start_rejects_other_types(bad, shown):
+    exc = error_of(minimal(balancer={"slow_start": bad}))
+    assert exc.key == "balancer.slow_start"
+    assert "number of seconds" in exc.reason and shown in exc.reason
+
+
+# --- [health.passive] and [retry]: fractions, status lists, cross-key checks
+
+
+@pytest.mark.parametrize("good", [0, 0.0, 0.25, 1, 1.0])
+def test_jitter_accepts_zero_to_one(good):
+    value = parse(minimal(**{"health.passive": {"jitter": good}})).passive.jitter
+    assert value == good and type(value) is float
+
+
+@pytest.mark.parametrize("bad", [-0.1, -1, 1.01, 2, float("nan"), float("inf")])
+def test_jitter_outside_zero_to_one(bad):
+    exc = error_of(minimal(**{"health.passive": {"jitter": bad}}))
+    assert exc.key == "health.passive.jitter"
+    assert "from 0 to 1" in exc.reason and f"got {bad}" in exc.reason
+
+
+@pytest.mark.parametrize("bad,shown", [("0.1", "string"), (True, "boolean"), ([0.1], "array")])
+def test_jitter_must_be_a_number(bad, shown):
+    exc = error_of(minimal(**{"health.passive": {"jitter": bad}}))
+    assert exc.key == "health.passive.jitter"
+    assert "number from 0 to 1" in exc.reason and shown in exc.reason
+
+
+STATUS_SECTIONS = ["health.passive", "retry"]
+
+
+@pytest.mark.parametrize("section", STATUS_SECTIONS)
+@pytest.mark.parametrize("bad,shown", [
+    ([500, 404], "integer 404"), ([499], "integer 499"), ([600], "integer 600"),
+    ([200], "integer 200"), (["500"], "string '500'"), ([502, "503"], "string '503'"),
+    ([True], "boolean True"), ([500.0], "number 500.0"), ([[500]], "array"),
+])
+def test_statuses_hold_5xx_codes_only(section, bad, shown):
+    exc = error_of(minimal(**{section: {"statuses": bad}}))
+    assert exc.key == f"{section}.statuses"
+    assert "status codes from 500 to 599" in exc.reason and shown in exc.reason
+
+
+@pytest.mark.parametrize("section", STATUS_SECTIONS)
+@pytest.mark.parametrize("bad,shown", [("500,502", "string"), (500, "integer"),
+                                       ({"a": 500}, "table")])
+def test_statuses_must_be_an_array(section, bad, shown):
+    exc = error_of(minimal(**{section: {"statuses": bad}}))
+    assert exc.key == f"{section}.statuses"
+    assert "must be an array of HTTP status codes" in exc.reason and shown in exc.reason
+
+
+@pytest.mark.parametrize("section", STATUS_SECTIONS)
+def test_statuses_are_deduplicated_and_sorted(section):
+    config = parse(minimal(**{section: {"statuses": [504, 500, 503, 500, 599, 504]}}))
+    assert section_of(config, section).statuses == (500, 503, 504, 599)
+
+
+def test_max_ejection_below_base_ejection():
+    exc = error_of(minimal(**{"health.passive": {"base_ejection": 30, "max_ejection": 20}}))
+    assert exc.key == "health.passive.max_ejection"
+    assert "must be >= base_ejection (30)" in exc.reason and "got 20" in exc.reason
+
+
+def test_base_ejection_above_the_default_max_names_max_ejection():
+    exc = error_of(minimal(**{"health.passive": {"base_ejection": 121}}))
+    assert exc.key == "health.passive.max_ejection"
+    assert "base_ejection (121)" in exc.reason and "got 120" in exc.reason
+
+
+def test_max_ejection_equal_to_base_is_accepted():
+    config = parse(minimal(**{"health.passive": {"base_ejection": 7, "max_ejection": 7}}))
+    assert config.passive.base_ejection == config.passive.max_ejection == 7.0
+
+
+def test_backoff_max_below_backoff_base():
+    exc = error_of(minimal(retry={"backoff_base": 0.5, "backoff_max": 0.1}))
+    assert exc.key == "retry.backoff_max"
+    assert "must be >= backoff_base (0.5)" in exc.reason and "got 0.1" in exc.reason
+
+
+def test_backoff_base_above_the_default_max_names_backoff_max():
+    exc = error_of(minimal(retry={"backoff_base": 1}))
+    assert exc.key == "retry.backoff_max"
+    assert "backoff_base (1)" in exc.reason
+
+
+def test_backoff_max_equal_to_base_is_accepted():
+    config = parse(minimal(retry={"backoff_base": 0.1, "backoff_max": 0.1}))
+    assert config.retry.backoff_base == config.retry.backoff_max == 0.1
+
+
+def test_cross_key_checks_come_after_the_single_key_checks():
+    # A bad value is reported as itself, not as a failed comparison.
+    exc = error_of(minimal(**{"health.passive": {"base_ejection": 30, "max_ejection": -1}}))
+    assert exc.key == "health.passive.max_ejection" and "positive" in exc.reason
+    exc = error_of(minimal(retry={"backoff_base": "x", "backoff_max": 0.1}))
+    assert exc.key == "retry.backoff_base"
+
+
+# --- [admin]
+
+
+@pytest.mark.parametrize("allow,expected", [
+    (["::1"], ["::1/128"]),
+    (["127.0.0.1"], ["127.0.0.1/32"]),
+    (["10.0.0.0/8", "fd00::/8"], ["10.0.0.0/8", "fd00::/8"]),
+    (["192.168.1.0/24", "::1", "127.0.0.1"], ["192.168.1.0/24", "::1/128", "127.0.0.1/32"]),
+    (["0.0.0.0/0", "::/0"], ["0.0.0.0/0", "::/0"]),
+])
+def test_admin_allow_accepts_addresses_and_networks(allow, expected):
+    config = parse(minimal(admin={"allow": allow}))
+    assert config.admin == Admin(allow=tuple(ipaddress.ip_network(n) for n in expected))
+    assert ipaddress.ip_address(allow[0].split("/")[0]) in config.admin.allow[0]
+
+
+@pytest.mark.parametrize("item", ["not-an-ip", "localhost", "10.0.0.0/33", "::1/129",
+                                  "256.0.0.1", "", "10.0.0.0/8 "])
+def test_admin_allow_rejects_what_is_not_an_address(item):
+    exc = error_of(minimal(admin={"allow": ["127.0.0.1", item]}))
+    assert exc.key == "admin.allow"
+    assert f"{item!r} is not an IP address or network" in exc.reason
+
+
+@pytest.mark.parametrize("bad,reason", [
+    ("127.0.0.1", "must be an array of addresses or networks, got string"),
+    (8, "must be an array of addresses or networks, got integer"),
+    ([127], "must hold strings"),
+    ([["::1"]], "must hold strings"),
+])
+def test_admin_allow_must_be_an_array_of_strings(bad, reason):
+    exc = error_of(minimal(admin={"allow": bad}))
+    assert exc.key == "admin.allow"
+    assert reason in exc.reason
+
+
+# --- per-backend keys
+
+
+def two_backends(**first) -> dict:
+    return {"backend": [{"name": "a", "url": "http://h:1", **first},
+                        {"name": "b", "url": "http://h:2"}]}
+
+
+def test_backend_max_concurrency_defaults_to_the_balancer_one():
+    raw = two_backends(max_concurrency=2)
+    raw["balancer"] = {"max_concurrency": 9}
+    a, b = parse(raw).backends
+    assert a.max_concurrency == 2   # its own
+    assert b.max_concurrency == 9   # inherited from [balancer]
+
+
+def test_backend_max_concurrency_default_without_a_balancer_table():
+    a, b = parse(two_backends(max_concurrency=11)).backends
+    assert (a.max_concurrency, b.max_concurrency) == (11, 4)
+
+
+def test_backend_keys_round_trip():
+    a, b = parse(two_backends(max_concurrency=3, weight=5, health_path="/health")).backends
+    assert a == BackendConfig("a", "http://h:1", "h", 1, max_concurrency=3, weight=5,
+                              health_path="/health")
+    assert b == BackendConfig("b", "http://h:2", "h", 2, max_concurrency=4, weight=1,
+                              health_path="")
+
+
+@pytest.mark.parametrize("key,bad", [
+    ("weight", 0), ("weight", -1), ("weight", 1001),
+    ("max_concurrency", 0), ("max_concurrency", 100_001),
+])
+def test_backend_integer_ranges(key, bad):
+    exc = error_of(two_backends(**{key: bad}))
+    assert exc.key == f"backend[0].{key}"
+    assert "must be >=" in exc.reason and f"got {bad}" in exc.reason
+
+
+@pytest.mark.parametrize("key,good", [("weight", 1), ("weight", 1000),
+                                      ("max_concurrency", 1), ("max_concurrency", 100_000)])
+def test_backend_integer_bounds_are_inclusive(key, good):
+    assert getattr(parse(two_backends(**{key: good})).backends[0], key) == good
+
+
+@pytest.mark.parametrize("key", ["weight", "max_concurrency"])
+@pytest.mark.parametrize("bad,shown", [("2", "string"), (True, "boolean"), (2.0, "number"),
+                                       ([2], "array")])
+def test_backend_integer_keys_reject_other_types(key, bad, shown):
+    exc = error_of({"backend": [{"name": "a", "url": "http://h:1"},
+                                {"name": "b", "url": "http://h:2", key: bad}]})
+    assert exc.key == f"backend[1].{key}"
+    assert "must be an integer" in exc.reason and shown in exc.reason
+
+
+@pytest.mark.parametrize("good", ["/health", "/", "/v1/health?full=1", "/ready-ish_.~", ""])
+def test_health_path_accepted(good):
+    assert parse(two_backends(health_path=good)).backends[0].health_path == good
+
+
+@pytest.mark.parametrize("bad", ["health", "health/", " /health", "/health check", "/h\t", "/h#x",
+                                 "/h\x00", "/h\x7f", "http://h:1/health"])
+def test_health_path_must_start_with_a_slash(bad):
+    exc = error_of(two_backends(health_path=bad))
+    assert exc.key == "backend[0].health_path"
+    assert "must start with '/'" in exc.reason and repr(bad) in exc.reason
+
+
+@pytest.mark.parametrize("bad,shown", [(1, "integer"), (["/h"], "array"), (True, "boolean")])
+def test_health_path_must_be_a_string(bad, shown):
+    exc = error_of(two_backends(health_path=bad))
+    assert exc.key == "backend[0].health_path"
+    assert "must be a path" in exc.reason and shown in exc.reason
+
+
+def test_nested_tables_from_a_real_toml_file(tmp_path):
+    path = tmp_path / "lb.toml"
+    path.write_text(
+        '[balancer]\npolicy = "round_robin"\nmax_concurrency = 6\nslow_start = 0\n'
+        '[health.passive]\nstatuses = [503, 500, 503]\njitter = 0\n'
+        '[health.active]\ninterval = 5\nrise = 1\n'
+        '[retry]\nattempts = 3\nbackoff_base = 0.1\nbackoff_max = 1\n'
+        '[admin]\nallow = ["::1", "10.0.0.0/8"]\n'
+        '[[backend]]\nname = "a"\nurl = "http://127.0.0.1:1"\nweight = 3\n'
+        'health_path = "/health"\n'
+        '[[backend]]\nname = "b"\nurl = "http://127.0.0.1:2"\nmax_concurrency = 1\n')
+    config = load(str(path))
+    assert config.balancer == Balancing("round_robin", 6, 1024, 10.0, 0.0)
+    assert config.passive.statuses == (500, 503) and config.passive.jitter == 0.0
+    assert config.active == Active(interval=5.0, timeout=1.0, rise=1, fall=3)
+    assert (config.retry.attempts, config.retry.backoff_base, config.retry.backoff_max) == (
+        3, 0.1, 1.0)
+    assert config.admin.allow == (ipaddress.ip_network("::1"), ipaddress.ip_network("10.0.0.0/8"))
+    assert [(b.name, b.max_concurrency, b.weight, b.health_path) for b in config.backends] == [
+        ("a", 6, 3, "/health"), ("b", 1, 1, "")]
+
 
 
 # --- listen address
@@ -426,20 +903,40 @@ JUNK = st.recursive(
 
 # Junk placed at one known key: (path, how to plant it).
 LEAF_PATHS = [f"{section}.{key}" for section, keys in SECTIONS.items() for key in keys] + [
-    "backend[0].name", "backend[0].url", "backend[1].name", "backend[1].url"]
-CONTAINER_PATHS = [*SECTIONS, "backend", "backend[0]", "backend[1]"]
+    f"backend[{i}].{key}" for i in (0, 1) for key in ("name", "url", *BACKEND_KEYS)]
+# "health" is the parent of [health.passive] and [health.active].
+PARENTS = sorted({section.split(".")[0] for section in SECTIONS if "." in section})
+CONTAINER_PATHS = [*SECTIONS, *PARENTS, "backend", "backend[0]", "backend[1]"]
+# Junk at the first key may be a good value that fails the comparison with the
+# second; that error is reported at the second key.
+COMPARED = {"health.passive.base_ejection": "health.passive.max_ejection",
+            "retry.backoff_base": "retry.backoff_max"}
 
 
 def base_document() -> dict:
+    """Every section present (so junk can be planted in each), all values good."""
     return {
         "listen": {"address": "127.0.0.1:6095"},
         "limits": {"nofile": 1024},
         "timeouts": {"connect": 1.5},
         "pool": {"max_idle": 4},
         "log": {"access": False},
-        "backend": [{"name": "a", "url": "http://127.0.0.1:1"},
-                    {"name": "b", "url": "http://127.0.0.1:2"}],
+        "balancer": {"policy": "p2c", "max_concurrency": 2},
+        "health": {"passive": {"base_ejection": 5, "max_ejection": 60, "statuses": [503]},
+                   "active": {"rise": 1}},
+        "retry": {"attempts": 3, "backoff_base": 0.05, "backoff_max": 0.5},
+        "admin": {"allow": ["10.0.0.0/8"]},
+        "backend": [{"name": "a", "url": "http://127.0.0.1:1", "weight": 2},
+                    {"name": "b", "url": "http://127.0.0.1:2", "health_path": "/health"}],
     }
+
+
+def test_base_document_is_valid_and_has_every_section():
+    raw = base_document()
+    parse(raw)
+    for section in SECTIONS:
+        assert isinstance(table_of(raw, section), dict)
+    assert raw == base_document()
 
 
 def plant(raw: dict, path: str, value) -> None:
@@ -450,11 +947,23 @@ def plant(raw: dict, path: str, value) -> None:
             raw["backend"][index] = value
         else:
             raw["backend"][index][rest[1:]] = value
-    elif "." in path:
-        section, key = path.split(".")
-        raw[section][key] = value
+    elif path in SECTIONS or path in PARENTS or path == "backend":
+        put(raw, path, value)
     else:
-        raw[path] = value
+        section, key = path.rsplit(".", 1)
+        table_of(raw, section)[key] = value
+
+
+def test_plant_places_dotted_paths_as_nested_tables():
+    raw = base_document()
+    plant(raw, "health.passive.jitter", 0.5)
+    plant(raw, "health.active", {"rise": 9})
+    plant(raw, "backend[1].weight", 3)
+    assert raw["health"]["passive"]["jitter"] == 0.5
+    assert raw["health"]["active"] == {"rise": 9}
+    assert "health.passive" not in raw and "health.active" not in raw
+    config = parse(raw)
+    assert (config.passive.jitter, config.active.rise, config.backends[1].weight) == (0.5, 9, 3)
 
 
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -468,6 +977,8 @@ def test_junk_at_a_key_is_a_config_error_naming_that_key(path, value):
         if path.endswith(".name") and exc.key.startswith("backend["):
             # A junk name equal to the other backend's is reported at the later one.
             assert exc.key in (path, "backend[1].name")
+        elif path in COMPARED:
+            assert exc.key in (path, COMPARED[path]), (exc.key, str(exc))
         else:
             assert exc.key == path, (exc.key, str(exc))
         assert exc.reason
@@ -495,7 +1006,7 @@ def test_unknown_keys_are_named(extra, section):
     if not extra:
         return
     raw = base_document()
-    raw[section].update(extra)
+    table_of(raw, section).update(extra)
     with pytest.raises(ConfigError) as info:
         parse(raw)
     assert info.value.key == f"{section}.{sorted(extra)[0]}"
@@ -536,6 +1047,83 @@ def test_valid_values_round_trip(timeouts, limits, pool, log, port, host):
     assert math.isfinite(config.pool.idle_timeout)
 
 
+status_lists = st.lists(st.integers(500, 599), max_size=8)
+ordered_pair = st.tuples(positive_seconds, positive_seconds).map(sorted)
+networks = st.one_of(
+    st.ip_addresses().map(str),
+    st.ip_addresses(v=4).flatmap(lambda a: st.integers(0, 32).map(
+        lambda n: str(ipaddress.ip_network(f"{a}/{n}", strict=False)))),
+    st.ip_addresses(v=6).flatmap(lambda a: st.integers(0, 128).map(
+        lambda n: str(ipaddress.ip_network(f"{a}/{n}", strict=False)))),
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    balancer=st.fixed_dictionaries({
+        "policy": st.sampled_from(sorted(lb.policy.POLICIES)),
+        "max_concurrency": st.integers(1, 100_000),
+        "queue_limit": st.integers(0, 1_000_000),
+        "queue_timeout": positive_seconds,
+        "slow_start": st.just(0) | positive_seconds,
+    }),
+    ejection=ordered_pair,
+    passive=st.fixed_dictionaries({
+        "consecutive_failures": st.integers(0, 10**6),
+        "consecutive_5xx": st.integers(0, 10**6),
+        "statuses": status_lists,
+        "jitter": st.floats(0, 1) | st.sampled_from([0, 1]),
+        "max_ejected_percent": st.integers(0, 100),
+    }),
+    active=st.fixed_dictionaries({"interval": positive_seconds, "timeout": positive_seconds,
+                                  "rise": st.integers(1, 100), "fall": st.integers(1, 100)}),
+    backoff=ordered_pair,
+    retry=st.fixed_dictionaries({
+        "attempts": st.integers(1, 10), "statuses": status_lists,
+        "budget_percent": st.integers(0, 100), "budget_min": st.integers(0, 10**6),
+        "replay_max_bytes": st.integers(0, 2**40),
+    }),
+    allow=st.lists(networks, max_size=5),
+    overrides=st.lists(st.fixed_dictionaries({}, optional={
+        "max_concurrency": st.integers(1, 100_000), "weight": st.integers(1, 1000),
+        "health_path": st.just("") | st.text(st.characters(min_codepoint=0x21,
+                                                            max_codepoint=0x7e,
+                                                            blacklist_characters="#"),
+                                             max_size=20).map(lambda t: "/" + t),
+    }), min_size=1, max_size=4),
+)
+def test_new_sections_round_trip(balancer, ejection, passive, active, backoff, retry, allow,
+                                 overrides):
+    passive = {**passive, "base_ejection": ejection[0], "max_ejection": ejection[1]}
+    retry = {**retry, "backoff_base": backoff[0], "backoff_max": backoff[1]}
+    raw = {"balancer": balancer, "health": {"passive": passive, "active": active},
+           "retry": retry, "admin": {"allow": allow},
+           "backend": [{"name": f"b{i}", "url": f"http://10.0.0.1:{i + 1}", **extra}
+                       for i, extra in enumerate(overrides)]}
+    before = copy.deepcopy(raw)
+    config = parse(raw)
+    assert raw == before   # parse does not modify its input
+    seconds = {"queue_timeout", "slow_start", "base_ejection", "max_ejection", "jitter",
+               "interval", "timeout", "backoff_base", "backoff_max"}
+
+    def clean(table):
+        return {k: (float(v) if k in seconds else tuple(sorted(set(v))) if k == "statuses"
+                    else v) for k, v in table.items()}
+
+    assert config.balancer == Balancing(**clean(balancer))
+    assert config.passive == Passive(**clean(passive))
+    assert config.active == Active(**clean(active))
+    assert config.retry == Retry(**clean(retry))
+    assert config.admin == Admin(allow=tuple(ipaddress.ip_network(n) for n in allow))
+    for attr, field in [f for f in FLOAT_FIELDS if f[0] not in ("timeouts", "pool")]:
+        assert type(getattr(getattr(config, attr), field)) is float, (attr, field)
+    for backend, extra in zip(config.backends, overrides):
+        assert backend.max_concurrency == extra.get("max_concurrency",
+                                                    balancer["max_concurrency"])
+        assert backend.weight == extra.get("weight", 1)
+        assert backend.health_path == extra.get("health_path", "")
+
+
 @settings(max_examples=100, deadline=None)
 @given(names=st.lists(st.builds(lambda a, b: a + b,
                                 st.sampled_from("aZ09"), st.text("aZ09_.-", max_size=20)),
@@ -566,6 +1154,16 @@ GOOD_BACKEND = '[[backend]]\nname = "a"\nurl = "http://127.0.0.1:6093"\n'
     ("[timeouts]\nfirst_byte = 0\n" + GOOD_BACKEND, "timeouts.first_byte", "positive"),
     (GOOD_BACKEND + GOOD_BACKEND, "backend[1].name", "duplicate backend name"),
     ('[[backend]]\nname = "a"\nurl = "https://h:1"\n', "backend[0].url", "scheme must be http"),
+    ("[health.passive]\njitter = 2\n" + GOOD_BACKEND, "health.passive.jitter", "from 0 to 1"),
+    ("[health.bogus]\nx = 1\n" + GOOD_BACKEND, "health.bogus", "unknown section"),
+    ("health = 5\n" + GOOD_BACKEND, "health", "must be a table"),
+    ("[health]\npassive = 5\n" + GOOD_BACKEND, "health.passive", "must be a table"),
+    ('[balancer]\npolicy = "fastest"\n' + GOOD_BACKEND, "balancer.policy", "must be one of"),
+    ("[retry]\nattempts = 0\n" + GOOD_BACKEND, "retry.attempts", "must be >= 1"),
+    ("[retry]\nbackoff_base = 1\n" + GOOD_BACKEND, "retry.backoff_max", "backoff_base"),
+    ('[admin]\nallow = ["not-an-ip"]\n' + GOOD_BACKEND, "admin.allow", "not an IP address"),
+    (GOOD_BACKEND + "weight = 0\n", "backend[0].weight", "must be >= 1"),
+    (GOOD_BACKEND + 'health_path = "health"\n', "backend[0].health_path", "start with '/'"),
 ])
 def test_check_reports_one_line_and_exits_2(tmp_path, text, key, reason):
     path = tmp_path / "bad.toml"

@@ -221,3 +221,154 @@ def test_cli_port_file_abuse_and_sigterm(tmp_path):
         if p.poll() is None:
             p.kill()
             p.wait(timeout=5)
+
+
+# --- failure modes: /_mode, /health, --status/--health ---------------------------------------
+
+def mode(port, query=""):
+    c = connect(port)
+    try:
+        r, body = fetch(c, "/_mode" + (f"?{query}" if query else ""))
+        return r.status, json.loads(body)
+    finally:
+        c.close()
+
+
+def start_cli(*args):
+    """`python -m backends.echo --port 0 ARGS` and its port, read within a bounded time."""
+    p = subprocess.Popen([sys.executable, "-m", "backends.echo", "--port", "0", *args], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = []
+    reader = threading.Thread(target=lambda: line.append(p.stdout.readline().strip()), daemon=True)
+    reader.start()
+    reader.join(10)
+    if not line or not line[0].startswith("listening on 127.0.0.1:"):
+        p.kill()
+        p.wait(5)
+        pytest.fail(f"echo backend did not start: {line!r} {p.stderr.read()!r}")
+    return p, int(line[0].rpartition(":")[2])
+
+
+def stop_cli(p):
+    p.send_signal(signal.SIGTERM)
+    try:
+        assert p.wait(timeout=3) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(timeout=5)
+
+
+FAILURE_503 = {"detail": "simulated failure", "status": 503}
+HEALTHY = {"status": "healthy", "model_loaded": True}
+LOADING = {"detail": "Model not loaded", "status": "loading"}
+
+
+def test_status_mode_fails_ordinary_requests_on_a_reusable_connection(backend):
+    assert mode(backend.port, "status=503") == (200, {"status": 503, "health": "ready"})
+    c = connect(backend.port)
+    c.connect()
+    sock = c.sock
+    # /hang and /reset would never answer normally; the bodies are drained, never echoed.
+    for method, path, body in [("GET", "/", None), ("GET", "/bytes?n=10", None), ("GET", "/hang", None),
+                               ("GET", "/reset", None), ("GET", "/status/200", None),
+                               ("PUT", "/headers", b"abc"), ("POST", "/echo?cl=1", b"x" * (1 << 20)),
+                               ("POST", "/tts", iter([b'{"text": ', b'"hi"}']))]:  # chunked
+        r, got = fetch(c, path, method, body=body)
+        assert (r.status, json.loads(got)) == (503, FAILURE_503), path
+        assert r.getheader("content-type") == "application/json"
+        assert r.getheader("content-length") == str(len(got))
+        assert r.getheader("x-backend-port") == str(backend.port)
+        assert c.sock is sock, path  # kept alive: no reconnect behind our back
+    # Control paths and /health are exempt; the failures counted like any other request.
+    r, got = fetch(c, "/_stats")
+    assert r.status == 200 and json.loads(got)["requests_total"] == 8
+    assert json.loads(got)["connections_total"] == 1
+    r, got = fetch(c, "/health")
+    assert (r.status, json.loads(got)) == (200, HEALTHY)
+    r, got = fetch(c, "/_mode")
+    assert (r.status, json.loads(got)) == (200, {"status": 503, "health": "ready"})
+    # /_stats/reset clears the counters but leaves the backend broken.
+    r, got = fetch(c, "/_stats/reset")
+    assert r.status == 200 and json.loads(got)["requests_total"] == 0
+    assert mode(backend.port) == (200, {"status": 503, "health": "ready"})
+    assert fetch(c, "/")[0].status == 503 and stats(backend.port)["requests_total"] == 1
+    assert mode(backend.port, "status=0") == (200, {"status": 0, "health": "ready"})
+    r, got = fetch(c, "/")
+    assert (r.status, got) == (200, b"ok\n")
+    assert fetch(c, "/bytes?n=10")[1] == expected_bytes(10)
+    assert c.sock is sock and stats(backend.port)["requests_total"] == 3
+    c.close()
+
+
+def test_status_mode_other_codes_and_head(backend):
+    assert mode(backend.port, "status=429")[0] == 200
+    c = connect(backend.port)
+    r, got = fetch(c, "/anything", "POST", body=b"{}")
+    assert (r.status, json.loads(got)) == (429, {"detail": "simulated failure", "status": 429})
+    r, got = fetch(c, "/anything", "HEAD")
+    assert (r.status, got) == (429, b"")
+    assert mode(backend.port, "status=200")[0] == 200
+    r, got = fetch(c, "/stream?chunks=3&delay=30")  # at once, not after a minute
+    assert (r.status, json.loads(got)) == (200, {"detail": "simulated failure", "status": 200})
+    c.close()
+
+
+def test_health_ready_and_loading(backend):
+    c = connect(backend.port)
+    r, got = fetch(c, "/health")
+    assert (r.status, json.loads(got), r.getheader("content-type")) == (200, HEALTHY, "application/json")
+    assert mode(backend.port, "health=loading") == (200, {"status": 0, "health": "loading"})
+    r, got = fetch(c, "/health")
+    assert (r.status, json.loads(got)) == (503, LOADING)
+    assert fetch(c, "/")[1] == b"ok\n"  # loading only changes what /health says
+    assert mode(backend.port, "status=500&health=ready") == (200, {"status": 500, "health": "ready"})
+    r, got = fetch(c, "/health")
+    assert (r.status, json.loads(got)) == (200, HEALTHY)
+    c.close()
+
+
+def test_mode_rejects_bad_values_and_changes_nothing(backend):
+    assert mode(backend.port, "status=502&health=loading")[0] == 200
+    for query, name in [("status=abc", "status"), ("status=199", "status"), ("status=600", "status"),
+                        ("status=1", "status"), ("status=", "status"), ("status=5_03", "status"),
+                        ("status=+503", "status"), ("status=0503", "status"), ("health=sick", "health"),
+                        ("health=", "health"), ("status=200&health=READY", "health"), ("foo=1", "foo"),
+                        ("stats=500", "stats")]:
+        status, body = mode(backend.port, query)
+        assert status == 400 and set(body) == {"error"} and name in body["error"], query
+    assert mode(backend.port) == (200, {"status": 502, "health": "loading"})
+
+
+def test_in_process_initial_mode():
+    with BackendThread(status=504, health="loading") as b:
+        assert mode(b.port) == (200, {"status": 504, "health": "loading"})
+    for bad in ({"status": 42}, {"health": "sick"}):
+        with pytest.raises(ValueError):
+            BackendThread(**bad)
+
+
+def test_cli_flags_set_initial_mode():
+    p, port = start_cli("--status", "503", "--health", "loading")
+    try:
+        assert mode(port) == (200, {"status": 503, "health": "loading"})
+        c = connect(port)
+        r, got = fetch(c, "/bytes?n=10")
+        assert (r.status, json.loads(got)) == (503, FAILURE_503)
+        r, got = fetch(c, "/health")
+        assert (r.status, json.loads(got)) == (503, LOADING)
+        c.close()
+        assert mode(port, "status=0&health=ready")[0] == 200
+        c = connect(port)
+        assert fetch(c, "/")[1] == b"ok\n" and fetch(c, "/health")[0].status == 200
+        c.close()
+    finally:
+        stop_cli(p)
+    assert p.stderr.read() == ""
+
+
+@pytest.mark.parametrize("flags", [["--status", "42"], ["--status", "abc"], ["--health", "sick"]])
+def test_cli_rejects_bad_mode_flags(flags):
+    r = subprocess.run([sys.executable, "-m", "backends.echo", "--port", "0", *flags], cwd=ROOT,
+                       capture_output=True, text=True, timeout=10)
+    assert r.returncode == 2 and flags[0] in r.stderr and r.stdout == ""

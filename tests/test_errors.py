@@ -107,8 +107,12 @@ def test_idle_connection_without_request_is_closed_quietly(start_backend, start_
 
 # --- the backend's failures
 
+# With retries off, one failure is what the client sees (retries: test_scheduling.py).
+NO_RETRY = {"retry": {"attempts": 1}}
+
+
 def test_refused_connection_is_502(start_lb):
-    lb = start_lb([_dead_url()])
+    lb = start_lb([_dead_url()], **NO_RETRY)
     resp = raw_request(lb.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     _assert_json_error(resp, 502, "cannot connect")
     entry = lb.stats()["backends"][0]
@@ -117,7 +121,8 @@ def test_refused_connection_is_502(start_lb):
 
 
 @pytest.mark.parametrize("path, words", [("/reset", "reset"), ("/close", "closed the connection")])
-def test_backend_reset_or_close_before_answering_is_502(lb, path, words):
+def test_backend_reset_or_close_before_answering_is_502(start_backend, start_lb, path, words):
+    lb = start_lb([start_backend().url], **NO_RETRY)
     resp = raw_request(lb.port, f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
     _assert_json_error(resp, 502, words)
     assert lb.stats()["backends"][0]["failures"]["reset"] == 1
@@ -125,7 +130,7 @@ def test_backend_reset_or_close_before_answering_is_502(lb, path, words):
 
 def test_no_first_byte_in_time_is_504_and_frees_the_backend(start_backend, start_lb):
     backend = start_backend()
-    lb = start_lb([backend.url], timeouts={"first_byte": 1.0})
+    lb = start_lb([backend.url], timeouts={"first_byte": 1.0}, **NO_RETRY)
     with connect(lb.port) as sock:
         sock.sendall(b"GET /hang HTTP/1.1\r\nHost: x\r\n\r\n")
         wait_until(lambda: backend.stats()["requests_in_flight"] == 1, what="request at the backend")
@@ -248,31 +253,33 @@ def test_client_that_stops_reading_is_cut_after_idle_and_frees_the_backend(start
     assert lb.stats()["backends"][0]["errors"] == 0  # not the backend's fault
 
 
-def test_health_is_503_once_every_backend_keeps_failing(start_lb):
+def test_health_is_503_once_every_backend_is_ejected(start_lb):
     lb = start_lb([_dead_url()])
     assert raw_request(lb.port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n").status == 200
-    for _ in range(3):
+    # Two requests of two attempts each: three failures in a row eject it,
+    # even though it is the whole fleet (a fleet of one may eject one).
+    for _ in range(2):
         raw_request(lb.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     resp = raw_request(lb.port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
     assert resp.status == 503 and resp.json()["status"] == "unavailable"
-    assert lb.stats()["backends"][0]["state"] == "down"
+    assert lb.stats()["backends"][0]["state"] == "ejected"
+    # Nothing is tried while it is out: an immediate 503 that says why.
+    resp = raw_request(lb.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    _assert_json_error(resp, 503, "no backend available: b0 ejected")
+    assert resp.header("retry-after") == "1"
+    assert lb.stats()["backends"][0]["failures"]["connect"] == 3
 
 
-def test_a_failing_backend_is_avoided_once_down(start_backend, start_lb):
+def test_a_dead_backend_is_retried_around_then_ejected(start_backend, start_lb):
     live = start_backend()
     lb = start_lb([_dead_url(), live.url])
-    statuses = []
-    for _ in range(200):  # random tie-breaks: the dead one is picked about half the time
-        statuses.append(raw_request(lb.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").status)
-        if statuses.count(502) == 3:
-            break
-    # Three failures mark it down; after that no call lands on it.
-    assert statuses.count(502) == 3 and set(statuses) <= {200, 502}
-    after = [raw_request(lb.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").status
-             for _ in range(10)]
-    assert after == [200] * 10
+    statuses = [raw_request(lb.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").status
+                for _ in range(30)]
+    # Every call that landed on the dead one was retried on the live one.
+    assert statuses == [200] * 30
     dead, alive = lb.stats()["backends"]
-    assert dead["state"] == "down" and alive["state"] == "up"
+    assert dead["state"] == "ejected" and alive["state"] == "up"
+    assert dead["failures"]["connect"] == 3   # then ejected: no more attempts there
     assert raw_request(lb.port, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n").status == 200
 
 
@@ -334,7 +341,7 @@ def test_post_lost_after_the_backend_worked_on_it_is_not_sent_twice(start_lb):
 
     backend = ScriptedBackend(handle)
     try:
-        lb = start_lb([f"http://127.0.0.1:{backend.port}"])
+        lb = start_lb([f"http://127.0.0.1:{backend.port}"], **NO_RETRY)
         assert raw_request(lb.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").status == 200
         resp = raw_request(lb.port, b"POST /v1/tts HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
         _assert_json_error(resp, 502, "closed the connection before answering")
@@ -364,26 +371,28 @@ def test_bytes_after_a_response_never_reach_the_next_request(start_lb):
 
 
 
-def test_a_restarted_backend_comes_back_after_being_marked_down(start_lb):
+def test_a_restarted_backend_comes_back_after_its_ejection(start_lb):
     from conftest import Backend
     first, other = Backend(), Backend()
     restarted = None
     try:
-        lb = start_lb([first.url, other.url])
+        lb = start_lb([first.url, other.url], balancer={"slow_start": 0},
+                      **{"health.passive": {"base_ejection": 1.0}})
         first.stop()
-        for _ in range(200):
-            raw_request(lb.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
-            if lb.stats()["backends"][0]["state"] == "down":
+        for _ in range(30):
+            assert raw_request(lb.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").status == 200
+            if lb.stats()["backends"][0]["state"] == "ejected":
                 break
-        assert lb.stats()["backends"][0]["state"] == "down"
+        assert lb.stats()["backends"][0]["state"] == "ejected"
         restarted = Backend(first.port)
-        # After the trial delay (5 s) one request is tried there, succeeds,
-        # and the backend is up again.
+        # After the ejection (at most 1 s) it is half-open: one trial request
+        # goes there, succeeds, and the backend is up again.
         wait_until(lambda: raw_request(lb.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").status == 200
                    and lb.stats()["backends"][0]["state"] == "up", timeout=15, interval=0.2,
                    what="restarted backend readmitted")
         assert restarted.stats()["requests_total"] >= 1
         assert get_json_health(lb.port) == 2
+        lb.wait_for_line(r"backend b0 readmitted")
     finally:
         for backend in (first, other, restarted):
             if backend is not None:

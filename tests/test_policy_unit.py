@@ -1,264 +1,268 @@
-"""Sans-io tests for lb.policy.LeastInFlight and lb.backend.Backend."""
+"""Sans-io tests for lb.policy: least_conn, p2c, random and round_robin.
+
+A policy is handed the backends that may take a request right now (never
+empty) and looks only at their name, in_flight and weight."""
 
 from __future__ import annotations
 
 import random
 from collections import Counter
 
-import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lb.backend import DOWN_AFTER_FAILURES, FAILURE_KINDS, Backend
-from lb.config import BackendConfig
-from lb.policy import LeastInFlight
-
-
-class DummyPool:
-    def snapshot(self) -> dict:
-        return {"idle": 0, "opened": 0, "reused": 0}
-
-
-def make_backend(i: int) -> Backend:
-    cfg = BackendConfig(name=f"b{i}", url=f"http://127.0.0.1:{7000 + i}", host="127.0.0.1",
-                        port=7000 + i)
-    return Backend(cfg, DummyPool())  # type: ignore[arg-type]
+from lb.policy import POLICIES, LeastConn, PowerOfTwo, RoundRobin, WeightedRandom, make
 
 
 class Stub:
-    """The minimal shape a policy looks at."""
+    """What a policy looks at of a Backend."""
 
-    def __init__(self, name: str, in_flight: int = 0, usable: bool = True):
+    def __init__(self, name: str, in_flight: int = 0, weight: int = 1):
         self.name = name
         self.in_flight = in_flight
-        self.usable = usable
+        self.weight = weight
 
     def __repr__(self) -> str:
-        return f"Stub({self.name}, {self.in_flight}, {self.usable})"
+        return f"Stub({self.name}, in_flight={self.in_flight}, weight={self.weight})"
 
 
-# --- LeastInFlight
+def load(b: Stub) -> float:
+    return b.in_flight / b.weight
 
 
-def test_empty_list_gives_none():
-    assert LeastInFlight().pick([]) is None
-    assert LeastInFlight().pick(()) is None
+candidates_st = st.lists(st.tuples(st.integers(0, 8), st.integers(1, 5)), min_size=1,
+                         max_size=8).map(
+    lambda pairs: [Stub(f"b{i}", f, w) for i, (f, w) in enumerate(pairs)])
 
 
-def test_single_backend_is_always_picked_even_if_down():
-    only = Stub("a", in_flight=5, usable=False)
-    assert LeastInFlight().pick([only]) is only
+# --- the registry
 
 
-def test_picks_least_in_flight():
-    a, b, c = Stub("a", 3), Stub("b", 1), Stub("c", 2)
-    assert LeastInFlight(random.Random(0)).pick([a, b, c]) is b
+def test_policies_registry_has_the_four_names():
+    assert set(POLICIES) == {"least_conn", "p2c", "random", "round_robin"}
 
 
-def test_prefers_usable_even_if_busier():
-    a, b = Stub("a", 0, usable=False), Stub("b", 9)
-    assert LeastInFlight(random.Random(0)).pick([a, b]) is b
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_make_builds_the_named_policy(name):
+    policy = make(name, random.Random(0))
+    assert policy.name == name
+    assert isinstance(policy, POLICIES[name])
 
 
-def test_none_usable_picks_least_loaded_of_all():
-    a, b, c = Stub("a", 4, False), Stub("b", 2, False), Stub("c", 3, False)
-    assert LeastInFlight(random.Random(0)).pick([a, b, c]) is b
+def test_make_unknown_name_raises():
+    with pytest.raises(KeyError):
+        make("least_loaded")
 
 
-def test_has_a_name():
-    assert LeastInFlight.name == "least_conn"
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_a_single_candidate_is_picked(name):
+    only = Stub("only", in_flight=3, weight=2)
+    policy = make(name, random.Random(0))
+    assert all(policy.pick([only]) is only for _ in range(5))
 
 
-@pytest.mark.parametrize("n", [2, 3, 6])
-def test_ties_are_broken_randomly(n):
-    stubs = [Stub(f"s{i}", 1) for i in range(n)] + [Stub("busy", 2)]
-    policy = LeastInFlight(random.Random(1234))
-    counts = Counter(policy.pick(stubs).name for _ in range(200 * n))
-    assert set(counts) == {f"s{i}" for i in range(n)}
-    for name in counts:
-        assert counts[name] > 100, counts  # roughly uniform: ~200 each
-
-
-def test_tie_break_is_reproducible_with_a_seed():
-    stubs = [Stub(f"s{i}") for i in range(4)]
-    p1, p2 = LeastInFlight(random.Random(7)), LeastInFlight(random.Random(7))
-    assert [p1.pick(stubs).name for _ in range(50)] == [p2.pick(stubs).name for _ in range(50)]
-
-
-def test_ties_among_usable_only():
-    stubs = [Stub("up1", 1), Stub("down", 0, False), Stub("up2", 1)]
-    policy = LeastInFlight(random.Random(3))
-    counts = Counter(policy.pick(stubs).name for _ in range(200))
-    assert set(counts) == {"up1", "up2"}
-
-
-# Events on real Backend objects: pick (the chosen one gets a request in flight),
-# finish one in-flight request, a connection failure, a response.
-events = st.lists(
-    st.one_of(
-        st.tuples(st.just("pick")),
-        st.tuples(st.just("finish"), st.integers(0, 5)),
-        st.tuples(st.just("fail"), st.integers(0, 5)),
-        st.tuples(st.just("ok"), st.integers(0, 5)),
-    ),
-    max_size=60,
-)
-
-
-@settings(max_examples=200, deadline=None)
-@given(n=st.integers(1, 6), script=events, seed=st.integers(0, 2**32))
-def test_pick_always_least_loaded_usable(n, script, seed):
-    backends = [make_backend(i) for i in range(n)]
-    policy = LeastInFlight(random.Random(seed))
-    for event in script:
-        if event[0] == "pick":
-            usable = [b for b in backends if b.usable]
-            pool = usable or backends
-            chosen = policy.pick(backends)
-            assert chosen is not None
-            assert chosen in pool
-            assert chosen.in_flight == min(b.in_flight for b in pool)
-            if usable:
-                assert chosen.usable
-            chosen.in_flight += 1
-            chosen.requests += 1
-        else:
-            b = backends[event[1] % n]
-            if event[0] == "finish" and b.in_flight:
-                b.in_flight -= 1
-            elif event[0] == "fail":
-                b.record_failure("connect", "refused")
-            elif event[0] == "ok":
-                b.record_response(200)
-    assert sum(b.requests for b in backends) == sum(1 for e in script if e[0] == "pick")
-
-
-@settings(max_examples=200, deadline=None)
-@given(loads=st.lists(st.tuples(st.integers(0, 5), st.booleans()), min_size=1, max_size=6),
-       seed=st.integers(0, 2**32))
-def test_pick_property_on_stubs(loads, seed):
-    stubs = [Stub(f"s{i}", f, u) for i, (f, u) in enumerate(loads)]
-    chosen = LeastInFlight(random.Random(seed)).pick(stubs)
-    pool = [s for s in stubs if s.usable] or stubs
-    assert chosen in pool
-    assert chosen.in_flight == min(s.in_flight for s in pool)
-
-
-# --- Backend
-
-
-def test_new_backend_state():
-    b = make_backend(0)
-    assert (b.name, b.url, b.host, b.port) == ("b0", "http://127.0.0.1:7000", "127.0.0.1", 7000)
-    assert b.state == "up" and b.usable
-    assert b.in_flight == b.requests == b.consecutive_failures == 0
-    assert b.last_error is None
-    assert set(b.failures) == set(FAILURE_KINDS)
-
-
-@pytest.mark.parametrize("status,bucket", [
-    (100, "1xx"), (101, "1xx"), (200, "2xx"), (204, "2xx"), (301, "3xx"), (404, "4xx"),
-    (499, "4xx"), (500, "5xx"), (503, "5xx"), (599, "5xx"), (600, "5xx"), (999, "5xx"),
-])
-def test_record_response_buckets(status, bucket):
-    b = make_backend(0)
-    b.record_response(status)
-    assert b.responses[bucket] == 1
-    assert sum(b.responses.values()) == 1
-
-
-def test_record_failure_counts_by_kind():
-    b = make_backend(0)
-    for kind in FAILURE_KINDS:
-        b.record_failure(kind, f"because {kind}")
-    b.record_failure("reset", "again")
-    assert b.failures["reset"] == 2
-    assert all(b.failures[k] == (2 if k == "reset" else 1) for k in FAILURE_KINDS)
-    assert b.consecutive_failures == len(FAILURE_KINDS) + 1
-    assert b.last_error[1] == "again"
-
-
-def test_goes_down_after_consecutive_failures_and_up_after_a_response():
-    b = make_backend(0)
-    for i in range(DOWN_AFTER_FAILURES - 1):
-        b.record_failure("connect", "refused")
-        assert b.state == "up" and b.usable
-    b.record_failure("connect", "refused")
-    assert b.state == "down" and not b.usable
-    b.record_failure("connect_timeout", "slow")
-    assert b.state == "down"
-    b.record_response(502)  # any response means the backend is reachable
-    assert b.state == "up" and b.usable
-    assert b.consecutive_failures == 0
-    assert b.failures["connect"] == DOWN_AFTER_FAILURES  # totals are kept
-
-
-def test_response_between_failures_resets_the_run():
-    b = make_backend(0)
+@pytest.mark.parametrize("name", sorted(POLICIES))
+@settings(max_examples=100, deadline=None, derandomize=True)
+@given(candidates=candidates_st, seed=st.integers(0, 2**32 - 1))
+def test_pick_is_one_of_the_candidates(name, candidates, seed):
+    policy = make(name, random.Random(seed))
     for _ in range(5):
-        for _ in range(DOWN_AFTER_FAILURES - 1):
-            b.record_failure("reset", "x")
-        b.record_response(200)
-    assert b.state == "up"
-    assert b.failures["reset"] == 5 * (DOWN_AFTER_FAILURES - 1)
+        chosen = policy.pick(candidates)
+        assert any(chosen is c for c in candidates)
 
 
-@settings(max_examples=200, deadline=None)
-@given(script=st.lists(st.one_of(st.sampled_from(FAILURE_KINDS), st.integers(100, 599)),
-                       max_size=40))
-def test_state_follows_trailing_failure_run(script):
-    b = make_backend(0)
-    run = 0
-    for item in script:
-        if isinstance(item, str):
-            b.record_failure(item, "r")
-            run += 1
-        else:
-            b.record_response(item)
-            run = 0
-        assert b.consecutive_failures == run
-        assert b.state == ("down" if run >= DOWN_AFTER_FAILURES else "up")
-        assert b.usable == (b.state == "up")
-    assert sum(b.failures.values()) == sum(isinstance(i, str) for i in script)
-    assert sum(b.responses.values()) == sum(isinstance(i, int) for i in script)
+# --- least_conn
 
 
-def test_snapshot_is_json_serialisable():
-    b = make_backend(3)
-    b.in_flight = 2
-    b.requests = 10
-    b.bytes_sent = 123
-    b.bytes_received = 4567
-    b.record_response(200)
-    b.record_failure("first_byte_timeout", "no response within 60s — ünïcode")
-    snap = b.snapshot()
-    decoded = orjson.loads(orjson.dumps(snap))
-    assert decoded == snap
-    assert decoded["name"] == "b3" and decoded["url"] == "http://127.0.0.1:7003"
-    assert decoded["state"] == "up"
-    assert decoded["in_flight"] == 2 and decoded["requests"] == 10
-    assert decoded["responses"]["2xx"] == 1
-    assert decoded["failures"]["first_byte_timeout"] == 1
-    assert decoded["errors"] == 1
-    assert decoded["last_error"]["reason"].endswith("ünïcode")
-    assert isinstance(decoded["last_error"]["time"], float)
-    assert decoded["bytes_sent"] == 123 and decoded["bytes_received"] == 4567
-    assert decoded["pool"] == DummyPool().snapshot()
+def test_least_conn_picks_the_least_in_flight():
+    a, b, c = Stub("a", 3), Stub("b", 1), Stub("c", 2)
+    assert LeastConn(random.Random(0)).pick([a, b, c]) is b
 
 
-def test_snapshot_fresh_and_down():
-    b = make_backend(0)
-    assert orjson.loads(orjson.dumps(b.snapshot()))["last_error"] is None
-    for _ in range(DOWN_AFTER_FAILURES):
-        b.record_failure("connect", "refused")
-    snap = orjson.loads(orjson.dumps(b.snapshot()))
-    assert snap["state"] == "down" and snap["errors"] == DOWN_AFTER_FAILURES
+def test_least_conn_divides_by_weight():
+    small, big = Stub("small", in_flight=2, weight=1), Stub("big", in_flight=3, weight=2)
+    assert LeastConn(random.Random(0)).pick([small, big]) is big
 
 
-def test_snapshot_is_a_copy():
-    b = make_backend(0)
-    snap = b.snapshot()
-    snap["responses"]["2xx"] = 99
-    snap["failures"]["connect"] = 99
-    assert b.responses["2xx"] == 0 and b.failures["connect"] == 0
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(candidates=candidates_st, seed=st.integers(0, 2**32 - 1))
+def test_least_conn_picks_a_minimal_load(candidates, seed):
+    chosen = LeastConn(random.Random(seed)).pick(candidates)
+    assert load(chosen) == min(load(c) for c in candidates)
+
+
+def test_least_conn_breaks_ties_randomly():
+    tied = [Stub(f"s{i}", 1) for i in range(4)] + [Stub("busy", 2)]
+    policy = LeastConn(random.Random(1234))
+    counts = Counter(policy.pick(tied).name for _ in range(800))
+    assert set(counts) == {"s0", "s1", "s2", "s3"}
+    assert min(counts.values()) > 120, counts        # about 200 each
+
+
+def test_least_conn_tie_break_is_reproducible_with_a_seed():
+    tied = [Stub(f"s{i}") for i in range(4)]
+    one, two = LeastConn(random.Random(7)), LeastConn(random.Random(7))
+    assert [one.pick(tied).name for _ in range(50)] == [two.pick(tied).name for _ in range(50)]
+
+
+def test_least_conn_spreads_a_burst_evenly():
+    backends = [Stub(f"b{i}") for i in range(3)]
+    policy = LeastConn(random.Random(0))
+    for _ in range(9):
+        policy.pick(backends).in_flight += 1
+    assert [b.in_flight for b in backends] == [3, 3, 3]
+
+
+# --- p2c
+
+
+class RecordingRandom(random.Random):
+    """Records the indices p2c draws with choices()."""
+
+    def __init__(self, seed: int):
+        super().__init__(seed)
+        self.draws: list[int] = []
+
+    def choices(self, population, weights=None, *, cum_weights=None, k=1):
+        out = super().choices(population, weights=weights, cum_weights=cum_weights, k=k)
+        self.draws.extend(out)
+        return out
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(candidates=candidates_st.filter(lambda c: len(c) >= 2), seed=st.integers(0, 2**32 - 1))
+def test_p2c_picks_the_less_loaded_of_two_distinct_draws(candidates, seed):
+    rng = RecordingRandom(seed)
+    chosen = PowerOfTwo(rng).pick(candidates)
+    first, second = rng.draws
+    assert first != second
+    a, b = candidates[first], candidates[second]
+    assert chosen is a or chosen is b
+    assert load(chosen) == min(load(a), load(b))
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(loads=st.tuples(st.integers(0, 8), st.integers(0, 8)).filter(lambda t: t[0] != t[1]),
+       seed=st.integers(0, 2**32 - 1))
+def test_p2c_never_picks_the_busier_of_two(loads, seed):
+    a, b = Stub("a", loads[0]), Stub("b", loads[1])
+    policy = PowerOfTwo(random.Random(seed))
+    for _ in range(10):
+        assert policy.pick([a, b]) is (a if loads[0] < loads[1] else b)
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(candidates=candidates_st.filter(lambda c: len(c) >= 2), seed=st.integers(0, 2**32 - 1))
+def test_p2c_never_picks_a_uniquely_busiest_backend(candidates, seed):
+    busiest = max(load(c) for c in candidates)
+    if sum(load(c) == busiest for c in candidates) > 1:
+        return
+    policy = PowerOfTwo(random.Random(seed))
+    for _ in range(10):
+        assert load(policy.pick(candidates)) < busiest
+
+
+def test_p2c_picks_either_of_two_equals():
+    a, b = Stub("a", 2), Stub("b", 2)
+    policy = PowerOfTwo(random.Random(5))
+    counts = Counter(policy.pick([a, b]).name for _ in range(400))
+    assert 150 < counts["a"] < 250, counts
+
+
+def test_p2c_draws_by_weight():
+    # All idle: the first draw is by weight, the second among the rest, the
+    # winner of equals a coin toss; the heavy one wins more than half.
+    backends = [Stub("heavy", 0, weight=9), Stub("l1", 0), Stub("l2", 0), Stub("l3", 0)]
+    policy = PowerOfTwo(random.Random(3))
+    counts = Counter(policy.pick(backends).name for _ in range(2000))
+    assert counts["heavy"] > 900, counts
+
+
+# --- random
+
+
+def test_random_respects_weights():
+    backends = [Stub(f"w{w}", 0, weight=w) for w in (1, 2, 3, 4)]
+    policy = WeightedRandom(random.Random(2024))
+    n = 10_000
+    counts = Counter(policy.pick(backends).name for _ in range(n))
+    total = sum(b.weight for b in backends)
+    chi2 = sum((counts[b.name] - n * b.weight / total) ** 2 / (n * b.weight / total)
+               for b in backends)
+    assert chi2 < 16.27, (chi2, counts)     # 3 degrees of freedom, p = 0.001
+
+
+def test_random_ignores_load():
+    idle, busy = Stub("idle", 0), Stub("busy", 50)
+    policy = WeightedRandom(random.Random(8))
+    counts = Counter(policy.pick([idle, busy]).name for _ in range(1000))
+    assert 400 < counts["busy"] < 600, counts
+
+
+# --- round_robin
+
+
+def test_round_robin_weights_3_1_give_300_and_100_of_400():
+    a, b = Stub("a", weight=3), Stub("b", weight=1)
+    policy = RoundRobin()
+    picks = [policy.pick([a, b]).name for _ in range(400)]
+    assert Counter(picks) == {"a": 300, "b": 100}
+
+
+def test_round_robin_interleaves_rather_than_bursts():
+    a, b = Stub("a", weight=3), Stub("b", weight=1)
+    policy = RoundRobin()
+    picks = "".join(policy.pick([a, b]).name for _ in range(400))
+    assert "bb" not in picks
+    assert "aaaa" not in picks
+
+
+def test_round_robin_equal_weights_rotate():
+    backends = [Stub(n) for n in "xyz"]
+    policy = RoundRobin()
+    picks = "".join(policy.pick(backends).name for _ in range(9))
+    assert picks in ("xyzxyzxyz", "xzyxzyxzy", "yxzyxzyxz", "yzxyzxyzx", "zxyzxyzxy",
+                     "zyxzyxzyx")
+    assert Counter(picks) == {"x": 3, "y": 3, "z": 3}
+
+
+def test_round_robin_ignores_load():
+    busy, idle = Stub("busy", 100), Stub("idle", 0)
+    policy = RoundRobin()
+    assert Counter(policy.pick([busy, idle]).name for _ in range(10)) == {"busy": 5, "idle": 5}
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(weights=st.lists(st.integers(1, 6), min_size=2, max_size=5), rounds=st.integers(1, 4))
+def test_round_robin_gives_each_its_weight_share_per_cycle(weights, rounds):
+    backends = [Stub(f"b{i}", weight=w) for i, w in enumerate(weights)]
+    policy = RoundRobin()
+    total = sum(weights)
+    for _ in range(rounds):
+        counts = Counter(policy.pick(backends).name for _ in range(total))
+        assert counts == {b.name: b.weight for b in backends}
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(weights=st.lists(st.integers(1, 6), min_size=2, max_size=5), picks=st.integers(1, 60))
+def test_round_robin_never_runs_ahead_of_its_share(weights, picks):
+    # Smooth: after any number of picks, each backend's count is within one
+    # of its exact share (weight / total of the picks so far).
+    backends = [Stub(f"b{i}", weight=w) for i, w in enumerate(weights)]
+    policy = RoundRobin()
+    total = sum(weights)
+    counts: Counter[str] = Counter()
+    for t in range(1, picks + 1):
+        counts[policy.pick(backends).name] += 1
+        for b in backends:
+            assert abs(counts[b.name] - t * b.weight / total) < 1.0 + 1e-9, (t, counts)
+
+
+def test_round_robin_skips_a_backend_that_is_full():
+    a, b, c = Stub("a"), Stub("b"), Stub("c")
+    policy = RoundRobin()
+    picks = [policy.pick([a, c]).name for _ in range(6)]   # b full or out of the rotation
+    assert Counter(picks) == {"a": 3, "c": 3}
+    picks = [policy.pick([a, b, c]).name for _ in range(30)]
+    assert Counter(picks) == {"a": 10, "b": 10, "c": 10}

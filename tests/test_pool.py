@@ -32,7 +32,7 @@ def test_idle_connections_expire(start_backend, start_lb):
 
 def test_pool_keeps_at_most_max_idle(start_backend, start_lb):
     backend = start_backend()
-    lb = start_lb([backend.url], pool={"max_idle": 2})
+    lb = start_lb([backend.url], pool={"max_idle": 2}, balancer={"max_concurrency": 5})
     # Five concurrent slow requests need five backend connections; afterwards
     # only two stay pooled.
     results = []
