@@ -172,6 +172,9 @@ class Health:
         if self.probe_up is None:          # the first verdict counts at once
             self.probe_up = ok
             self.probe_streak = 0
+            if ok and self.half_open(now):
+                self._readmit(now)
+                return "readmitted"
             return "up" if ok else "down"
         if ok == self.probe_up:
             self.probe_streak = 0
@@ -200,9 +203,10 @@ class Health:
         was = self.admin
         self.admin = state
         if state == MAINT:
-            # Maintenance starts the backend's record afresh: no ejection,
-            # no probe verdict until probes resume.
+            # Maintenance starts the backend's record afresh: no ejection
+            # (nor its history), no probe verdict until probes resume.
             self.ejected = False
+            self.ejections = 0
             self.trial = False
             self.local_failures = self.consecutive_5xx = 0
             self.probe_up = None

@@ -52,6 +52,7 @@ def verdict(status: int, body: bytes) -> tuple[bool, str]:
 
 def _json_object(body: bytes) -> dict:
     """The body as a JSON object, or {} if it is not one."""
+    body = body.strip()
     if body[:1] != b"{":
         return {}
     try:

@@ -326,3 +326,15 @@ def test_next_change_is_when_the_ramped_limit_rises(limit, slow_start):
         now = when
     else:
         raise AssertionError("the ramp never finished")
+
+
+def test_maint_forgets_past_ejections():
+    # An operator who took the backend out to fix it starts it afresh: the
+    # next ejection is the first again, not a longer one.
+    h = health(consecutive_failures=1)
+    ejected(h)
+    ejected(h)
+    h.set_admin(T0, MAINT)
+    h.set_admin(T0, READY)
+    assert h.in_rotation(T0)
+    assert ejected(h, T0 + 1) == 10.0

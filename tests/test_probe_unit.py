@@ -281,3 +281,15 @@ def test_passing_probe_on_a_half_open_backend_dispatches_the_queue():
     sched.probed(b1, True, "answered 200")           # half-open + a passing probe
     assert waiter.dispatched == [b1]
     assert not b1.health.ejected
+
+
+def test_first_passing_probe_readmits_a_backend_ejected_before_any_probe():
+    h = health()
+    h.eject(1000.0, random.Random(0))
+    assert h.probed(h.ejected_until + 1, True, "answered 200") == "readmitted"
+    assert not h.ejected and h.in_rotation(h.ejected_until + 1)
+
+
+def test_verdict_reads_json_after_leading_whitespace():
+    assert verdict(200, b'\n  {"status": "initializing"}') == (
+        False, "answered 200 but status is 'initializing' (model not ready)")
