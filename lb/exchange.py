@@ -2,11 +2,12 @@
 
 A request first gets a slot on a backend from the scheduler, or waits in its
 queue (QUEUED).  Then it is forwarded; bodies stream both ways with
-backpressure and nothing is buffered beyond one write-buffer's worth: while
-no backend connection is ready, request body chunks wait in `_pending` and
-the client is paused once that passes the high-water mark; after that, each
-side's reading pauses while the other side's write buffer is above its
-high-water mark.
+backpressure: while no backend connection is ready, request body chunks wait
+in `_pending` and the client is paused once that passes the high-water mark;
+after that, each side's reading pauses while the other side's write buffer
+is above its high-water mark.  The one other copy is `_kept`: the request
+body so far, for a resend, held until the response head arrives and dropped
+for good once it passes `retry.replay_max_bytes`.
 
 One `Deadline` watches the whole exchange; what it means depends on the phase:
 
@@ -70,8 +71,8 @@ class Exchange:
                  "_kept", "_kept_bytes", "info", "_deadline", "_connect_task",
                  "bytes_in", "bytes_out", "status", "ttfb", "note", "response_started",
                  "_upstream_request", "_reused", "_sent_at", "_replaying", "_race_ok",
-                 "ticket", "queued_for", "tried", "why", "_holding", "_verdict",
-                 "_retrying")
+                 "ticket", "queued_for", "tried", "why", "_holding",
+                 "_retrying", "_replay_failure")
 
     def __init__(self, balancer: "Balancer", client: "ClientConnection",
                  request: h11.Request, info: hdr.RequestInfo):
@@ -91,13 +92,13 @@ class Exchange:
         self._kept_bytes = 0
         self._replaying = False              # the next attach sends `_kept` from the start
         self._race_ok = False                # a keep-alive race resend is still possible
+        self._replay_failure = (502, "")     # what the pending resend replaces, if it cannot go
         self._deadline = Deadline(balancer.loop, self._on_deadline)
         self._connect_task: asyncio.Task | None = None
         self._upstream_request: h11.Request | None = None
         self._reused = False
         self._sent_at = 0.0                   # when the request went out on `upstream`
         self._holding = False                 # this attempt holds a slot on `backend`
-        self._verdict = False                 # this attempt's outcome was reported to health
         self._retrying = False                # counted among the budget's retries
         self.ticket: Ticket | None = None     # our place in the queue while QUEUED
         self.queued_for = 0.0                 # seconds waited in the queue, in all
@@ -165,7 +166,6 @@ class Exchange:
     def _begin(self, backend: Backend) -> None:
         self.backend = backend
         self._holding = True
-        self._verdict = False
         self.tried.append(backend.name)
         if len(self.tried) > 1:
             self._replaying = True   # a retry sends the whole body again
@@ -253,10 +253,15 @@ class Exchange:
             return
         if self._kept is not None:
             self._kept_bytes += len(data)
-            if self._kept_bytes > self.balancer.config.retry.replay_max_bytes:
-                self._kept = None    # streamed on; this request cannot be sent again
-            else:
+            if self._kept_bytes <= self.balancer.config.retry.replay_max_bytes:
                 self._kept.append(data)
+            else:
+                self._kept = None    # streamed on; this request cannot be sent again
+                if self._replaying:
+                    # A resend was waiting for a backend (queued, backing off,
+                    # connecting) and the body it must send whole no longer is.
+                    self._cannot_replay()
+                    return
         if self.upstream is not None:
             self._deadline.set(self.balancer.config.timeouts.idle)
             self.upstream.send_data(data)
@@ -316,7 +321,6 @@ class Exchange:
         status = response.status_code
         backend.record_response(status)
         config = self.balancer.config
-        self._verdict = True
         if status in config.passive.statuses:
             self.balancer.scheduler.failed(backend, local=False,
                                            reason=f"answered {status}")
@@ -324,7 +328,7 @@ class Exchange:
             self.balancer.scheduler.succeeded(backend)
         if status in config.retry.statuses and self._may_retry(f"{backend.name} answered {status}"):
             self._drop_upstream()
-            self._retry(f"status_{status}")
+            self._retry(502, f"backend {backend.name} answered {status}", f"status_{status}")
             return
         self.status = status
         self.ttfb = time.monotonic() - self.started
@@ -364,6 +368,8 @@ class Exchange:
             # fresh connection.  Only once: a second loss is the backend's.
             self._race_ok = False
             self._replaying = True
+            self._replay_failure = (502, f"backend {self.backend.name} closed a reused "
+                                         "connection before answering")
             self._connect()
             return
         if self.response_started:
@@ -416,12 +422,11 @@ class Exchange:
             return
         backend = self.backend
         backend.record_failure(kind, reason)
-        self._verdict = True
         self.balancer.scheduler.failed(backend, local=True, reason=reason)
         if (not self.response_started and kind in RETRYABLE_KINDS
                 and self._may_retry(reason)):
             self._drop_upstream()
-            self._retry(kind)
+            self._retry(status, reason, kind)
             return
         self._abandon(status, reason)
 
@@ -443,10 +448,18 @@ class Exchange:
             return False
         return True
 
-    def _retry(self, reason: str) -> None:
+    def _cannot_replay(self) -> None:
+        self.balancer.retry.denied["body_too_large"] += 1
+        self.why.append(f"resend given up: request body grew over retry.replay_max_bytes "
+                        f"({self.balancer.config.retry.replay_max_bytes} bytes)")
+        status, reason = self._replay_failure
+        self._abandon(status, reason)
+
+    def _retry(self, status: int, reason: str, kind: str) -> None:
         retry = self.balancer.retry
         retry.retries += 1
-        retry.by_reason[reason] += 1
+        retry.by_reason[kind] += 1
+        self._replay_failure = (status, reason)
         if not self._retrying:
             self._retrying = True
             retry.retrying += 1
@@ -493,11 +506,7 @@ class Exchange:
     def _release_slot(self) -> None:
         if self._holding:
             self._holding = False
-            backend = self.backend
-            scheduler = self.balancer.scheduler
-            scheduler.release(backend)
-            if not self._verdict:
-                scheduler.abandoned(backend)
+            self.balancer.scheduler.release(self.backend)
 
     def _finish(self) -> None:
         """Release the backend slot and account, exactly once."""

@@ -15,7 +15,8 @@ testable without sockets or sleeping.  Four things decide it:
   longer.  Each `max_ejection` of healthy time forgets one past ejection;
 - active probes: `rise` passing results in a row bring a backend back,
   `fall` failing ones take it out.  The first result counts at once, so a
-  server still loading its model at start-up is not sent work;
+  server still loading its model at start-up is sent work only until its
+  first probe answers (the first probe goes out at start);
 - slow start: a backend coming back (readmitted, probed up, or set ready)
   ramps its concurrency limit from 1 to the full value over `slow_start`.
 
@@ -107,7 +108,8 @@ class Health:
 
     def succeeded(self, now: float) -> bool:
         """The backend answered (with a status not counted as a failure).
-        Returns True if that readmitted it."""
+        Returns True if that readmitted it: once the ejection time is up, any
+        answer counts, the trial's or one from a request sent before."""
         self.local_failures = self.consecutive_5xx = 0
         if self.half_open(now):
             self._readmit(now)
@@ -133,8 +135,12 @@ class Health:
         return threshold > 0 and count >= threshold
 
     def abandoned(self) -> None:
-        """A request ended with no verdict on the backend (the client left)."""
+        """The trial ended with no verdict on the backend (its client left)."""
         self.trial = False
+
+    def ejection_refused(self) -> None:
+        """The fleet cannot spare this backend now: start counting afresh."""
+        self.local_failures = self.consecutive_5xx = 0
 
     def eject(self, now: float, rng: random.Random) -> float:
         """Take the backend out; returns for how long."""

@@ -111,6 +111,10 @@ class Scheduler:
     def release(self, backend: Backend) -> None:
         """A request let go of `backend` (finished, failed or abandoned)."""
         backend.in_flight -= 1
+        if backend.in_flight == 0 and backend.health.trial:
+            # The half-open trial ended without a verdict (its client left):
+            # with nothing left there, no trial is out; another may go.
+            backend.health.abandoned()
         if self.queued:
             self.dispatch()
 
@@ -196,6 +200,7 @@ class Scheduler:
         if not health.failed(now, local):
             return None
         if not health.ejected and self.ejected_count() >= self.max_ejected():
+            health.ejection_refused()   # warn again only after another run of failures
             log.warning("backend %s is failing (%s) but is not ejected: %d of %d backends "
                         "are ejected already (health.passive.max_ejected_percent = %d)",
                         backend.name, reason, self.ejected_count(), len(self.backends),
@@ -209,15 +214,6 @@ class Scheduler:
         if self.queued:
             self.dispatch()   # lets the queue go if nothing is left in the rotation
         return seconds
-
-    def abandoned(self, backend: Backend) -> None:
-        """An attempt ended with no verdict (the client left).  If it was a
-        half-open trial, another may go; while other requests are still out
-        we cannot tell which was the trial, and their outcome will decide."""
-        if backend.in_flight == 0 and backend.health.trial:
-            backend.health.abandoned()
-            if self.queued:
-                self.dispatch()   # the half-open backend may take another trial now
 
     def probed(self, backend: Backend, ok: bool, reason: str) -> None:
         change = backend.health.probed(self.clock(), ok, reason)

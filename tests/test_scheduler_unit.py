@@ -508,7 +508,7 @@ def test_waiting_for_an_ejection_to_end_asks_for_a_wake_up():
 def test_abandoned_trial_lets_the_next_waiter_go():
     # The one trial request to a half-open backend is out and a second
     # request waits for the backend.  The trial's client leaves (exchange.py
-    # calls release() then abandoned()): the backend is free and no trial is
+    # calls release() with no verdict): the backend is free and no trial is
     # out, so the waiting request must be sent there now.
     f = Fleet(4)
     b0 = f.backends[0]
@@ -518,7 +518,6 @@ def test_abandoned_trial_lets_the_next_waiter_go():
     waiter = f.waiter()
     assert isinstance(f.sched.acquire(waiter), Ticket)
     f.sched.release(b0)
-    f.sched.abandoned(b0)
     assert waiter.dispatched == [b0]
     assert f.sched.queued == 0 and b0.in_flight == 1
 
@@ -530,7 +529,24 @@ def test_abandoned_lone_trial_lets_another_trial_go():
     f.clock.now = b0.health.ejected_until
     assert f.sched.acquire(f.waiter()) is b0
     f.sched.release(b0)
-    f.sched.abandoned(b0)
+    assert f.sched.acquire(f.waiter()) is b0
+
+
+def test_trial_abandoned_beside_an_older_request_is_cleared_when_that_one_ends():
+    # An older request (sent before the ejection, already answered) is still
+    # streaming; the trial's client leaves.  Once the older one ends too,
+    # nothing is out there: the backend must take a trial again, not stay
+    # half-open with no trial possible.
+    f = Fleet(4)
+    b0 = f.backends[0]
+    assert f.sched.acquire(f.waiter()) is b0       # the older request
+    f.sched.succeeded(b0)                          # its head arrived
+    f.eject(b0)
+    f.clock.now = b0.health.ejected_until
+    assert f.sched.acquire(f.waiter()) is b0       # the trial
+    f.sched.release(b0)                            # trial's client left: no verdict
+    f.sched.release(b0)                            # the older stream ends
+    assert b0.in_flight == 0
     assert f.sched.acquire(f.waiter()) is b0
 
 
@@ -784,9 +800,7 @@ class Sim:
                 self.ejection_times.append((b.health.ejections, seconds))
         r.tried.append(b.name)
         r.state, r.backend = "releasing", None
-        self.sched.release(b)
-        if outcome == "abandon":
-            self.sched.abandoned(b)
+        self.sched.release(b)   # an abandoned attempt (client left) is only this
         if outcome.startswith("retry"):
             r.attempt += 1
             self._acquire(r, retry=True)

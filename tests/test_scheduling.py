@@ -406,6 +406,42 @@ def test_body_over_replay_max_bytes_is_not_retried(start_backend, start_lb):
     assert lb.stats()["retry"]["retries"] == 1
 
 
+@pytest.mark.parametrize("warm", [False, True], ids=["new-connection", "pooled-connection"])
+def test_body_outgrowing_the_kept_copy_during_a_retry_gives_up_cleanly(start_backend, start_lb,
+                                                                       warm):
+    # A POST whose body is still arriving fails on b0 (refused) and waits to
+    # be resent to b1; meanwhile its body passes replay_max_bytes, so it can
+    # no longer be sent whole.  The caller gets b0's failure, nothing hangs,
+    # and b1 is not left holding a slot or a bodiless request.
+    import socket as socket_module
+    with socket_module.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    live = start_backend()
+    lb = start_lb([dead, {"url": live.url, "max_concurrency": 1}],
+                  balancer={"policy": "round_robin"},
+                  retry={"replay_max_bytes": 100, "backoff_base": 0.3, "backoff_max": 0.3},
+                  **{"health.passive": {"consecutive_failures": 0}})
+    if warm:   # leave a pooled connection to b1 for the resend to use
+        for _ in range(2):
+            assert request(lb.port, "/").status == 200
+    with connect(lb.port) as sock:
+        sock.sendall(b"POST /echo?cl=1 HTTP/1.1\r\nHost: x\r\nX-Request-ID: grow\r\n"
+                     b"Content-Length: 200\r\n\r\n" + b"a" * 50)
+        time.sleep(0.1)            # refused at once; now backing off (0.15-0.3 s)
+        sock.sendall(b"b" * 150)   # the kept copy passes 100 bytes
+        resp = RawReader(sock).response()
+    assert resp.status == 502, (resp.status, resp.body)
+    assert "cannot connect to backend b0" in resp.json()["error"]
+    line = access_line(lb, "grow")
+    assert "resend given up: request body grew over retry.replay_max_bytes" in line, line
+    # The balancer is whole: b1 holds nothing and takes the next call.
+    stats = lb.stats()
+    assert backend_entry(stats, "b1")["in_flight"] == 0
+    assert request(lb.port, "/").status == 200
+    assert live.stats()["requests_in_flight"] == 0
+
+
 def test_4xx_is_passed_through_and_never_retried(start_backend, start_lb):
     backends = [start_backend() for _ in range(2)]
     lb = start_lb([b.url for b in backends], balancer={"policy": "round_robin"})
