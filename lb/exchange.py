@@ -70,7 +70,7 @@ class Exchange:
                  "backend", "upstream", "_pending", "_pending_bytes", "_request_ended",
                  "_kept", "_kept_bytes", "info", "_deadline", "_connect_task",
                  "bytes_in", "bytes_out", "status", "ttfb", "note", "response_started",
-                 "_upstream_request", "_reused", "_sent_at", "_replaying", "_race_ok",
+                 "_upstream_request", "_sent_at", "_replaying", "_race_ok",
                  "ticket", "queued_for", "tried", "why", "_holding",
                  "_retrying", "_replay_failure")
 
@@ -96,7 +96,6 @@ class Exchange:
         self._deadline = Deadline(balancer.loop, self._on_deadline)
         self._connect_task: asyncio.Task | None = None
         self._upstream_request: h11.Request | None = None
-        self._reused = False
         self._sent_at = 0.0                   # when the request went out on `upstream`
         self._holding = False                 # this attempt holds a slot on `backend`
         self._retrying = False                # counted among the budget's retries
@@ -167,8 +166,6 @@ class Exchange:
         self.backend = backend
         self._holding = True
         self.tried.append(backend.name)
-        if len(self.tried) > 1:
-            self._replaying = True   # a retry sends the whole body again
         info = self.info
         self._upstream_request = hdr.request_event(
             self.request.method, self.request.target,
@@ -214,7 +211,6 @@ class Exchange:
     def _attach(self, conn: "UpstreamConnection", *, reused: bool) -> None:
         self.upstream = conn
         conn.owner = self
-        self._reused = reused
         self._race_ok = reused
         self._sent_at = time.monotonic()
         conn.send(self._upstream_request)
@@ -328,7 +324,7 @@ class Exchange:
             self.balancer.scheduler.succeeded(backend)
         if status in config.retry.statuses and self._may_retry(f"{backend.name} answered {status}"):
             self._drop_upstream()
-            self._retry(502, f"backend {backend.name} answered {status}", f"status_{status}")
+            self._retry(status, f"backend {backend.name} answered {status}", f"status_{status}")
             return
         self.status = status
         self.ttfb = time.monotonic() - self.started
@@ -514,7 +510,7 @@ class Exchange:
             return
         self.phase = DONE
         self._deadline.cancel()
-        self._drop_upstream_task()
+        self._drop_upstream()
         if self.ticket is not None:
             self.balancer.scheduler.cancel(self.ticket)
             self._left_queue()
@@ -531,8 +527,3 @@ class Exchange:
             backend.bytes_received += self.bytes_out
         self._release_slot()
         self.balancer.request_finished(self)
-
-    def _drop_upstream_task(self) -> None:
-        if self._connect_task is not None:
-            self._connect_task.cancel()
-            self._connect_task = None
