@@ -14,9 +14,13 @@ from collections import Counter
 from typing import TYPE_CHECKING
 
 import h11
+import orjson
 
 from . import accesslog, endpoints
 from .backend import Backend
+from .cartesia import CartesiaClient
+from .expiring import ExpiringMap
+from .fallback import Fallback
 from .client import ClientConnection
 from .config import Config
 from .fdlimit import FdLimit, connection_cap
@@ -35,6 +39,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("lb")
 
 BACKLOG = 65535          # the kernel caps it at net.core.somaxconn
+AUDIO_TTL = 3600.0       # two-step audio files live an hour on Chatterbox servers
+AFFINITY_ITEMS = 100_000 # audio_url -> backend entries
+AUDIO_ITEMS = 1000       # WAV files the fallback made, kept for their audio_url
+AUDIO_BYTES = 256 * 1024 * 1024
 SWEEP_INTERVAL = 1.0     # how often idle pooled connections are expired
 
 
@@ -61,6 +69,15 @@ class Balancer:
                                    passive=config.passive, clock=time.monotonic,
                                    wake_at=self._wake_at)
         self.retry = RetryBudget(config.retry)
+        # TTS calls by path, and what the Cartesia fallback needs.
+        self.routes = {r.path.encode("ascii"): r.kind for r in config.routes}
+        self.affinity: ExpiringMap[str] = ExpiringMap(max_items=AFFINITY_ITEMS, ttl=AUDIO_TTL)
+        self.audio: ExpiringMap[bytes] = ExpiringMap(max_items=AUDIO_ITEMS, ttl=AUDIO_TTL,
+                                                     max_bytes=AUDIO_BYTES, size=len)
+        cartesia = config.cartesia
+        self.fallback = (Fallback(cartesia, CartesiaClient(cartesia), self.audio)
+                         if cartesia.enabled else None)
+        self.fallbacks: Counter[str] = Counter()
         self._wakeup: asyncio.TimerHandle | None = None
         self._probers: list[Prober] = []
         self.max_connections, self.cap_note = connection_cap(
@@ -91,6 +108,14 @@ class Balancer:
                  len(self.backends),
                  ", ".join(f"{b.name}={b.url} (limit {b.max_concurrency})"
                            for b in self.backends), self.policy.name)
+        if self.fallback is not None:
+            client = self.fallback.client
+            if client.usable:
+                log.info("Cartesia fallback on: %s, model %s, at most %d at once%s", client.cfg.url,
+                         client.cfg.model_id, client.cfg.max_concurrency,
+                         ", spillover on" if client.cfg.spillover else "")
+            else:
+                log.warning("Cartesia fallback unusable: %s", client.unusable_reason)
         cap = somaxconn()
         if cap is not None and cap < BACKLOG:
             log.info("listen backlog capped by net.core.somaxconn at %d", cap)
@@ -111,6 +136,8 @@ class Balancer:
         now = self.loop.time()
         for backend in self.backends:
             backend.pool.expire(now)
+        self.affinity.expire()
+        self.audio.expire()
         self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
 
     def _wake_at(self, when: float) -> None:
@@ -127,6 +154,23 @@ class Balancer:
     def _woken(self) -> None:
         self._wakeup = None
         self.scheduler.dispatch()
+
+    def affinity_for(self, path: bytes) -> Backend | None:
+        """The backend that made the audio file at `path`, if we know one."""
+        if not path.startswith(b"/audio/"):
+            return None
+        name = self.affinity.get(path)
+        return None if name is None else self.by_name.get(name)
+
+    def remember_audio_url(self, body: bytes, backend: Backend) -> None:
+        """A two-step call's JSON answer: its audio_url lives on `backend`."""
+        try:
+            doc = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return
+        url = doc.get("audio_url") if isinstance(doc, dict) else None
+        if isinstance(url, str) and url.startswith("/audio/") and url.isascii():
+            self.affinity.put(url.split("?", 1)[0].encode("ascii"), backend.name)
 
     def why_no_backend(self) -> str:
         now = time.monotonic()
@@ -166,7 +210,8 @@ class Balancer:
         client.send_error(status, reason, request_id, close=True)
 
     def request_finished(self, exchange: "Exchange") -> None:
-        backend = exchange.backend.name if exchange.backend is not None else "-"
+        backend = (exchange.served_by or
+                   (exchange.backend.name if exchange.backend is not None else "-"))
         self._count(exchange.request, exchange.request_id, exchange.status, backend,
                     exchange.started, exchange.note, bytes_in=exchange.bytes_in,
                     bytes_out=exchange.bytes_out, ttfb=exchange.ttfb, tried=exchange.tried,
@@ -209,5 +254,16 @@ class Balancer:
                          "by_status": {str(k): v for k, v in sorted(self.by_status.items())}},
             "queue": self.scheduler.snapshot(),
             "retry": self.retry.snapshot(),
+            "fallback": self.fallback_snapshot(),
             "backends": [b.snapshot(now) for b in self.backends],
         }
+
+    def fallback_snapshot(self) -> dict:
+        if self.fallback is None:
+            return {"enabled": False, "usable": False, "reason": "disabled"}
+        snap = self.fallback.client.snapshot()
+        snap["by_reason"] = dict(self.fallbacks)
+        snap["audio_files"] = len(self.audio)
+        snap["audio_bytes"] = self.audio.bytes
+        snap["two_step_urls"] = len(self.affinity)
+        return snap

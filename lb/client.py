@@ -217,7 +217,7 @@ class ClientConnection(CoalescedWrites, asyncio.Protocol):
             self.balancer.reject(self, request, info.request_id, 431, self._head_too_large())
             return
         path = request.target.split(b"?", 1)[0]
-        route = endpoints.route(path)
+        route = endpoints.route(path, self.balancer)
         if route is not None:
             # Answered once the request (and any body, discarded) is complete,
             # so the connection stays usable for the next request.

@@ -8,6 +8,7 @@ the reason, so `python -m lb --check` can print one precise line and exit 2.
 
 from __future__ import annotations
 
+import datetime
 import ipaddress
 import math
 import re
@@ -108,6 +109,27 @@ class Admin:
 
 
 @dataclass(frozen=True)
+class Cartesia:
+    enabled: bool
+    url: str                    # scheme://host[:port], no path
+    api_key_env: str            # the environment variable holding the key (never the key)
+    version: str                # Cartesia-Version header
+    model_id: str
+    language: str
+    max_concurrency: int        # the plan's limit of simultaneous requests
+    timeout: float              # seconds for a whole fallback call
+    spillover: bool             # also serve calls that waited past queue_timeout
+    ca_file: str                # CA bundle to verify the server with ("" = the system's)
+    voices: dict[str, str]      # local voice name -> Cartesia voice id; "default" for the rest
+
+
+@dataclass(frozen=True)
+class Route:
+    path: str                   # request path, exact
+    kind: str                   # chatterbox | openai | chattts
+
+
+@dataclass(frozen=True)
 class BackendConfig:
     name: str
     url: str
@@ -130,7 +152,9 @@ class Config:
     active: Active
     retry: Retry
     admin: Admin
+    cartesia: Cartesia
     backends: tuple[BackendConfig, ...]
+    routes: tuple[Route, ...] = ()
 
 
 # --- value checkers: each takes the raw TOML value and returns the clean one,
@@ -203,6 +227,67 @@ def _health_path(value: Any) -> str:
         raise ValueError(f"must start with '/' and be ASCII without spaces, control "
                          f"characters or '#', got {value!r}")
     return value
+
+
+def _base_url(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"must be a URL like \"https://api.cartesia.ai\", got {_show(value)}")
+    if not value.isascii() or not value.isprintable() or " " in value:
+        raise ValueError(f"must be a URL without spaces or control characters, got {value!r}")
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"cannot parse URL {value!r}: {exc}") from None
+    if port == 0:
+        raise ValueError(f"port 0 cannot be connected to, in {value!r}")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"must be http(s)://host[:port], got {value!r}")
+    if parts.path not in ("", "/") or parts.query or parts.fragment or "@" in parts.netloc:
+        raise ValueError(f"must be scheme://host[:port] only, got {value!r}")
+    return value.rstrip("/")
+
+
+def _env_name(value: Any) -> str:
+    # Capitals only: a pasted key (sk_car_...) is lower case and must not pass.
+    if not isinstance(value, str) or not re.fullmatch(r"[A-Z_][A-Z0-9_]*", value):
+        # A string is not shown: it may be the key itself.
+        got = "" if isinstance(value, str) else f", got {_show(value)}"
+        raise ValueError(f"must be an environment variable name in capitals, like "
+                         f"CARTESIA_API_KEY (the key itself never goes in this file){got}")
+    return value
+
+
+def _date(value: Any) -> str:
+    if isinstance(value, str) and re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", value):
+        try:
+            datetime.date.fromisoformat(value)
+            return value
+        except ValueError:
+            pass
+    raise ValueError(f"must be a dated version like \"2026-03-01\", got {_show(value)}")
+
+
+def _language(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"[a-z]{2}(-[A-Za-z]{2,4})?", value):
+        raise ValueError(f"must be a language code like \"en\", got {_show(value)}")
+    return value
+
+
+def _file_path(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"must be a file path (or \"\" for none), got {_show(value)}")
+    return value
+
+
+def _voices(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise ValueError(f"must be a table of voice name = Cartesia voice id, got {_show(value)}")
+    for name, voice in value.items():
+        if not isinstance(voice, str) or not re.fullmatch(r"[A-Za-z0-9-]{1,64}", voice):
+            raise ValueError(f"voice {name!r} must map to a Cartesia voice id (a UUID), "
+                             f"got {_show(voice)}")
+    return dict(value)
 
 
 def _boolean(value: Any) -> bool:
@@ -311,7 +396,22 @@ SECTIONS: dict[str, dict[str, tuple[Any, Callable[[Any], Any]]]] = {
         # Who may POST /lb/backends/<name>/drain|ready|maint.
         "allow": (["127.0.0.0/8", "::1"], _networks),
     },
+    "fallback.cartesia": {
+        "enabled": (False, _boolean),
+        "url": ("https://api.cartesia.ai", _base_url),
+        "api_key_env": ("CARTESIA_API_KEY", _env_name),
+        "version": ("2026-03-01", _date),
+        "model_id": ("sonic-3", _choice("sonic-3", "sonic-3.5", "sonic-latest")),
+        "language": ("en", _language),
+        "max_concurrency": (3, _integer(1, 10_000)),
+        "timeout": (30.0, _seconds),
+        "spillover": (False, _boolean),
+        "ca_file": ("", _file_path),
+        "voices": ({}, _voices),
+    },
 }
+
+ROUTE_KINDS = ("chatterbox", "openai", "chattts")
 
 # Sections written as [a.b] in TOML: a table of tables.
 _PARENTS = sorted({name.split(".", 1)[0] for name in SECTIONS if "." in name})
@@ -339,7 +439,7 @@ def load(path: str) -> Config:
 
 def parse(raw: dict[str, Any]) -> Config:
     """Validate an already-parsed TOML document."""
-    top = {name for name in SECTIONS if "." not in name} | set(_PARENTS) | {"backend"}
+    top = {name for name in SECTIONS if "." not in name} | set(_PARENTS) | {"backend", "route"}
     unknown = sorted(set(raw) - top)
     if unknown:
         raise ConfigError(unknown[0], f"unknown section or key (known: "
@@ -364,6 +464,11 @@ def parse(raw: dict[str, Any]) -> Config:
         raise ConfigError("retry.backoff_max", f"must be >= backoff_base "
                           f"({retry['backoff_base']:g}), got {retry['backoff_max']:g}")
     balancing = Balancing(**values["balancer"])
+    cartesia = values["fallback.cartesia"]
+    if cartesia["enabled"] and "default" not in cartesia["voices"]:
+        raise ConfigError("fallback.cartesia.voices.default",
+                          "required when the fallback is enabled: the Cartesia voice for "
+                          "every voice name not listed")
     return Config(
         listen=Listen(host=host, port=port),
         limits=Limits(**values["limits"]),
@@ -375,7 +480,9 @@ def parse(raw: dict[str, Any]) -> Config:
         active=Active(**values["health.active"]),
         retry=Retry(**retry),
         admin=Admin(**values["admin"]),
+        cartesia=Cartesia(**cartesia),
         backends=_backends(raw.get("backend"), balancing.max_concurrency),
+        routes=_routes(raw.get("route", [])),
     )
 
 
@@ -444,6 +551,36 @@ def _backends(entries: Any, max_concurrency: int) -> tuple[BackendConfig, ...]:
         host, port = _backend_url(f"{where}.url", entry.get("url"))
         out.append(BackendConfig(name=name, url=f"http://{_bracket(host)}:{port}",
                                  host=host, port=port, **extra))
+    return tuple(out)
+
+
+def _routes(entries: Any) -> tuple[Route, ...]:
+    """[[route]] path = "/synthesize-json", kind = "chatterbox": which calls are TTS
+    calls of which kind (those are the ones that can fall back to Cartesia)."""
+    if not isinstance(entries, list):
+        raise ConfigError("route", "must be an array of tables ([[route]])")
+    seen: set[str] = set()
+    out = []
+    for i, entry in enumerate(entries):
+        where = f"route[{i}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(where, "must be a table ([[route]])")
+        unknown = sorted(set(entry) - {"path", "kind"})
+        if unknown:
+            raise ConfigError(f"{where}.{unknown[0]}", "unknown key (known: path, kind)")
+        path = entry.get("path")
+        if not isinstance(path, str) or not re.fullmatch(r"/[\x21-\x22\x24-\x3e\x40-\x7e]*",
+                                                         path):
+            raise ConfigError(f"{where}.path", f"must be a path starting with '/', without "
+                              f"spaces, '?' or '#', got {_show(path)}")
+        if path in seen:
+            raise ConfigError(f"{where}.path", f"duplicate route {path!r}")
+        seen.add(path)
+        kind = entry.get("kind")
+        if kind not in ROUTE_KINDS:
+            raise ConfigError(f"{where}.kind", f"must be one of {', '.join(ROUTE_KINDS)}, "
+                              f"got {_show(kind)}")
+        out.append(Route(path=path, kind=kind))
     return tuple(out)
 
 

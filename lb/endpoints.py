@@ -40,8 +40,10 @@ class EndpointError(Exception):
 def health(balancer: "Balancer", request: h11.Request, peer: str) -> tuple[int, bytes, bytes]:
     now = time.monotonic()
     usable = sum(1 for b in balancer.backends if b.health.in_rotation(now))
+    fallback = balancer.fallback_snapshot()
     body = {"status": "ok" if usable else "unavailable",
-            "backends_usable": usable, "backends_total": len(balancer.backends)}
+            "backends_usable": usable, "backends_total": len(balancer.backends),
+            "fallback": {k: fallback[k] for k in ("enabled", "usable", "reason")}}
     return (200 if usable else 503), JSON, orjson.dumps(body)
 
 
@@ -118,6 +120,18 @@ def metrics(balancer: "Balancer", request: h11.Request, peer: str) -> tuple[int,
            [(f'{{reason="{why}"}}', n) for why, n in sorted(retry["by_reason"].items())])
     family("retries_denied_total", "counter", "Retries wanted but not made, by why.",
            [(f'{{reason="{why}"}}', n) for why, n in sorted(retry["not_retried"].items())])
+    fallback = stats["fallback"]
+    family("fallback_usable", "gauge", "1 if the Cartesia fallback can take calls.",
+           [("", int(fallback["usable"]))])
+    family("fallback_total", "counter", "Calls handed to Cartesia, by why.",
+           [(f'{{reason="{why}"}}', n)
+            for why, n in sorted(fallback.get("by_reason", {}).items())])
+    family("fallback_characters_total", "counter",
+           "Transcript characters sent to Cartesia (what it bills).",
+           [("", fallback.get("characters", 0))])
+    family("fallback_outcomes_total", "counter", "Cartesia requests by outcome.",
+           [(f'{{outcome="{what}"}}', n)
+            for what, n in sorted(fallback.get("outcomes", {}).items())])
     family("backend_up", "gauge", "1 if the backend is in the rotation.",
            [(f'{{backend="{b["name"]}"}}', int(b["state"] in ("up", "slow-start", "half-open")))
             for b in backends])
@@ -187,9 +201,21 @@ ROUTES: dict[bytes, Route] = {
 }
 
 
-def route(path: bytes) -> Route | None:
+def fallback_audio(balancer: "Balancer", request: h11.Request,
+                   peer: str) -> tuple[int, bytes, bytes]:
+    """A WAV the Cartesia fallback made for a two-step (Chatterbox) call."""
+    wav = balancer.audio.get(request.target.split(b"?", 1)[0])
+    if wav is None:
+        raise EndpointError(404, "audio file expired")
+    return 200, b"audio/wav", wav
+
+
+def route(path: bytes, balancer: "Balancer") -> Route | None:
     """The built-in endpoint for a request path, if it is one."""
     found = ROUTES.get(path)
-    if found is None and path.startswith(ADMIN_PREFIX):
-        return admin, (b"POST",)
+    if found is None:
+        if path.startswith(ADMIN_PREFIX):
+            return admin, (b"POST",)
+        if path.startswith(b"/audio/") and balancer.audio.get(path) is not None:
+            return fallback_audio, _READ
     return found

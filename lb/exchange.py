@@ -38,7 +38,9 @@ from typing import TYPE_CHECKING
 import h11
 
 from . import headers as hdr
+from . import translate
 from .backend import Backend
+from .cartesia import CartesiaError
 from .retry import RETRYABLE_KINDS
 from .scheduler import NO_BACKEND, QUEUE_FULL, Ticket
 from .timer import Deadline
@@ -48,7 +50,11 @@ if TYPE_CHECKING:
     from .client import ClientConnection
     from .upstream import UpstreamConnection
 
-QUEUED, CONNECTING, SENDING, WAITING, RECEIVING, BACKOFF, DONE = range(7)
+QUEUED, CONNECTING, SENDING, WAITING, RECEIVING, BACKOFF, FALLBACK, DONE = range(8)
+
+# A backend's JSON answer to a two-step call is read (up to this much) for
+# its audio_url, so the follow-up GET goes to the backend that has the file.
+AFFINITY_PEEK = 64 * 1024
 
 # The keep-alive race: a backend closes an idle pooled connection just as we
 # send a request on it.  Such a request was never processed, so it is sent
@@ -72,7 +78,8 @@ class Exchange:
                  "bytes_in", "bytes_out", "status", "ttfb", "note", "response_started",
                  "_upstream_request", "_sent_at", "_replaying", "_race_ok",
                  "ticket", "queued_for", "tried", "why", "_holding",
-                 "_retrying", "_replay_failure")
+                 "_retrying", "_replay_failure", "kind", "pinned", "_fallback_task",
+                 "fallback_reason", "served_by", "_drained", "_peek")
 
     def __init__(self, balancer: "Balancer", client: "ClientConnection",
                  request: h11.Request, info: hdr.RequestInfo):
@@ -109,11 +116,24 @@ class Exchange:
         self.ttfb: float | None = None
         self.note = ""                        # why it failed, for the access log
         self.response_started = False
+        path = request.target.split(b"?", 1)[0]
+        self.kind = balancer.routes.get(path)  # a TTS call of this kind: may fall back
+        self.pinned = balancer.affinity_for(path)   # the backend holding this audio file
+        self._fallback_task: asyncio.Task | None = None
+        self.fallback_reason = ""             # why the fleet could not serve it
+        self.served_by = ""                   # "cartesia" when the fallback answered
+        self._drained: asyncio.Future | None = None
+        self._peek: bytearray | None = None   # a two-step JSON answer, read for audio_url
 
     # --- getting a slot
 
     def start(self) -> None:
         self.balancer.retry.active += 1
+        if self.pinned is not None:
+            # The second step of a two-step call: only that backend has the
+            # file.  Fetching it is not GPU work, so it takes no slot.
+            self._begin(self.pinned, hold=False)
+            return
         self._acquire()
 
     def _acquire(self) -> None:
@@ -127,7 +147,8 @@ class Exchange:
             self._deadline.set(self.balancer.config.balancer.queue_timeout)
         elif result == QUEUE_FULL:
             self._give_up(f"every backend is at its concurrency limit and the queue is full "
-                          f"({scheduler.queue_limit} waiting, balancer.queue_limit)")
+                          f"({scheduler.queue_limit} waiting, balancer.queue_limit)",
+                          "queue_full")
         else:
             assert result == NO_BACKEND
             self.no_backend()
@@ -140,7 +161,8 @@ class Exchange:
     def no_backend(self) -> None:
         """No backend is in the rotation (all ejected, down, drained or in maintenance)."""
         self._left_queue()
-        self._give_up("no backend available: " + self.balancer.why_no_backend())
+        self._give_up("no backend available: " + self.balancer.why_no_backend(),
+                      "no_backend")
 
     def _left_queue(self) -> None:
         if self.ticket is not None:
@@ -152,19 +174,24 @@ class Exchange:
         self._left_queue()
         self._give_up(f"every backend stayed at its concurrency limit for "
                       f"{self.balancer.config.balancer.queue_timeout:g}s "
-                      f"(balancer.queue_timeout)")
+                      f"(balancer.queue_timeout)", "queue_timeout")
 
-    def _give_up(self, reason: str) -> None:
-        """503 with Retry-After: the fleet cannot take this request now."""
+    def _give_up(self, reason: str, why: str) -> None:
+        """The fleet cannot take this request now: Cartesia, if this is a TTS
+        call and the fallback may take it (a full fleet only with spillover),
+        else 503 with Retry-After."""
         if self.why:
             reason += " (after " + "; ".join(self.why) + ")"
+        if ((why == "no_backend" or self.balancer.config.cartesia.spillover)
+                and self._fall_back(503, reason, why)):
+            return
         self._answer_error(503, reason, extra=[(b"retry-after", b"1")])
 
     # --- one attempt
 
-    def _begin(self, backend: Backend) -> None:
+    def _begin(self, backend: Backend, hold: bool = True) -> None:
         self.backend = backend
-        self._holding = True
+        self._holding = hold
         self.tried.append(backend.name)
         info = self.info
         self._upstream_request = hdr.request_event(
@@ -261,6 +288,8 @@ class Exchange:
         if self.upstream is not None:
             self._deadline.set(self.balancer.config.timeouts.idle)
             self.upstream.send_data(data)
+        elif self.phase == FALLBACK:
+            self._deadline.set(self.balancer.config.timeouts.idle)
         else:   # queued, connecting, or between attempts
             self._pending.append(data)
             self._pending_bytes += len(data)
@@ -275,6 +304,8 @@ class Exchange:
             self.upstream.send(_EndOfMessage)
             if self.phase == SENDING:
                 self._enter(WAITING)
+        elif self.phase == FALLBACK and self._fallback_task is None:
+            self._start_fallback()
 
     def client_bad_body(self, reason: str) -> None:
         """The request body's framing broke (bad chunk, early close)."""
@@ -297,6 +328,8 @@ class Exchange:
             self.upstream.pause_reading()
 
     def client_write_resumed(self) -> None:
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
         if self.upstream is not None:
             self.upstream.resume_reading()
             if self.phase == RECEIVING:
@@ -326,6 +359,11 @@ class Exchange:
             self._drop_upstream()
             self._retry(status, f"backend {backend.name} answered {status}", f"status_{status}")
             return
+        if status >= 500 and self._fall_back(status, f"backend {backend.name} answered {status}",
+                                             f"status_{status}"):
+            return
+        if self.kind == "chatterbox" and status == 200:
+            self._peek = bytearray()
         self.status = status
         self.ttfb = time.monotonic() - self.started
         self.response_started = True
@@ -338,11 +376,19 @@ class Exchange:
                                   response.reason)
 
     def upstream_data(self, data: bytes) -> None:
+        if self._peek is not None:
+            if len(self._peek) + len(data) <= AFFINITY_PEEK:
+                self._peek += data
+            else:
+                self._peek = None
         self.bytes_out += len(data)
         self._deadline.set(self.balancer.config.timeouts.idle)
         self.client.send_data(data)
 
     def upstream_end(self) -> None:
+        if self._peek is not None:
+            self.balancer.remember_audio_url(bytes(self._peek), self.backend)
+            self._peek = None
         conn, self.upstream = self.upstream, None
         if conn.finish_for_reuse():
             self.backend.pool.release(conn)
@@ -388,6 +434,8 @@ class Exchange:
         timeouts = self.balancer.config.timeouts
         if self.phase == QUEUED:
             self._queue_timed_out()
+        elif self.phase == FALLBACK:
+            self._client_error(408, f"client sent no request body for {timeouts.idle:g}s")
         elif self.phase == BACKOFF:
             self._acquire()
         elif self.phase == CONNECTING:
@@ -424,6 +472,8 @@ class Exchange:
             self._drop_upstream()
             self._retry(status, reason, kind)
             return
+        if not self.response_started and self._fall_back(status, reason, "failed"):
+            return
         self._abandon(status, reason)
 
     def _may_retry(self, reason: str) -> bool:
@@ -431,7 +481,7 @@ class Exchange:
         why there will be no retry when there is none."""
         self.why.append(reason)
         retry = self.balancer.retry
-        if len(self.tried) >= retry.cfg.attempts:
+        if len(self.tried) >= retry.cfg.attempts or self.pinned is not None:
             return False
         if self._kept is None:
             retry.denied["body_too_large"] += 1
@@ -466,6 +516,78 @@ class Exchange:
         self._race_ok = False
         self.phase = BACKOFF
         self._deadline.set(retry.backoff(len(self.tried)))
+
+    # --- the Cartesia fallback
+
+    def _fall_back(self, status: int, reason: str, why: str) -> bool:
+        """Hand the call to Cartesia if it is a TTS call the fallback may take;
+        True if this exchange is now answered that way (or refused for it)."""
+        fallback = self.balancer.fallback
+        if (fallback is None or self.kind is None or self.response_started
+                or self.phase == DONE):
+            return False
+        if self._kept is None:
+            self.why.append("no fallback: request body over retry.replay_max_bytes")
+            return False
+        self._drop_upstream()
+        self._release_slot()
+        if self.ticket is not None:
+            self.balancer.scheduler.cancel(self.ticket)
+            self._left_queue()
+        self._deadline.cancel()
+        if not fallback.client.usable:
+            self._answer_error(503, f"{reason}; the Cartesia fallback is unusable: "
+                               f"{fallback.client.unusable_reason}")
+            return True
+        self.balancer.fallbacks[why] += 1
+        self.phase = FALLBACK
+        self.fallback_reason = reason
+        self._replaying = True                 # the whole body is needed, as for a resend
+        self._replay_failure = (status, reason)
+        self._pending.clear()
+        self._pending_bytes = 0
+        self.client.resume_reading_for_backpressure()
+        if self._request_ended:
+            self._start_fallback()
+        else:
+            self._deadline.set(self.balancer.config.timeouts.idle)   # the rest of the body
+        return True
+
+    def _start_fallback(self) -> None:
+        self._deadline.cancel()   # fallback.cartesia.timeout bounds it from here
+        self._fallback_task = self.balancer.loop.create_task(self._serve_fallback())
+
+    async def _serve_fallback(self) -> None:
+        content_type = next((v.decode("latin-1") for k, v in self.request.headers
+                             if k == b"content-type"), "")
+        try:
+            call = translate.read_call(self.kind, self.request.target.split(b"?", 1)[0]
+                                       .decode("ascii", "replace"), content_type,
+                                       b"".join(self._kept))
+        except translate.BadRequest as exc:
+            self._answer_error(400, f"{self.fallback_reason}; the call cannot be sent to "
+                               f"Cartesia: {exc}")
+            return
+        self._kept = None
+        self.served_by = "cartesia"
+        try:
+            await self.balancer.fallback.answer(call, _ToClient(self))
+        except CartesiaError as exc:
+            if self.phase == DONE:
+                return
+            reason = f"{self.fallback_reason}; fallback to Cartesia failed: {exc.reason}"
+            if self.response_started:
+                self.note = reason
+                self._finish()
+                self.client.abort_response()
+            else:
+                self._answer_error(503, reason, extra=[(b"retry-after", b"1")])
+            return
+        if self.phase == DONE:
+            return
+        self.note = f"fallback: {self.fallback_reason}"
+        self._finish()
+        self.client.send_end()
 
     # --- endings
 
@@ -511,6 +633,9 @@ class Exchange:
         self.phase = DONE
         self._deadline.cancel()
         self._drop_upstream()
+        task = self._fallback_task
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
         if self.ticket is not None:
             self.balancer.scheduler.cancel(self.ticket)
             self._left_queue()
@@ -527,3 +652,31 @@ class Exchange:
             backend.bytes_received += self.bytes_out
         self._release_slot()
         self.balancer.request_finished(self)
+
+
+class _ToClient:
+    """The fallback's view of the client connection (see fallback.Output)."""
+    __slots__ = ("exchange",)
+
+    def __init__(self, exchange: Exchange):
+        self.exchange = exchange
+
+    def head(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        ex = self.exchange
+        ex.status = status
+        ex.ttfb = time.monotonic() - ex.started
+        ex.response_started = True
+        ex.client.send_response(status, [*headers, (b"x-request-id",
+                                                    ex.request_id.encode("ascii"))])
+
+    def data(self, chunk: bytes) -> None:
+        ex = self.exchange
+        ex.bytes_out += len(chunk)
+        ex.client.send_data(chunk)
+
+    async def drained(self) -> None:
+        ex = self.exchange
+        if ex.client.write_paused and ex.phase != DONE:
+            ex._drained = ex.balancer.loop.create_future()
+            await ex._drained
+            ex._drained = None

@@ -7,6 +7,7 @@ plus a few `python -m lb --check` subprocesses for the command-line contract.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import ipaddress
 import math
 import re
@@ -21,11 +22,13 @@ from hypothesis import strategies as st
 import lb.policy
 from lb.config import (
     BACKEND_KEYS,
+    ROUTE_KINDS,
     SECTIONS,
     Active,
     Admin,
     BackendConfig,
     Balancing,
+    Cartesia,
     Config,
     ConfigError,
     Limits,
@@ -34,6 +37,7 @@ from lb.config import (
     Passive,
     Pool,
     Retry,
+    Route,
     Timeouts,
     load,
     parse,
@@ -43,11 +47,13 @@ ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf" / "lb.toml"
 
 ONE_BACKEND = [{"name": "gpu0", "url": "http://127.0.0.1:6093"}]
+UUID = "a0e99841-438c-4a64-b679-ae501e7d6091"   # the shape of a Cartesia voice id
 
 
 # Sections written [a.b] in TOML live in SECTIONS as "a.b" and in Config under
 # their own attribute; the rest have the attribute of the same name.
-ATTRS = {"health.passive": "passive", "health.active": "active"}
+ATTRS = {"health.passive": "passive", "health.active": "active",
+         "fallback.cartesia": "cartesia"}
 
 
 def table_of(raw: dict, section: str) -> dict:
@@ -104,13 +110,23 @@ EXPECTED_DEFAULTS = dict(
     retry=Retry(attempts=2, statuses=(502, 503, 504), budget_percent=20, budget_min=3,
                 backoff_base=0.025, backoff_max=0.25, replay_max_bytes=1048576),
     admin=Admin(allow=(ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))),
+    cartesia=Cartesia(enabled=False, url="https://api.cartesia.ai", api_key_env="CARTESIA_API_KEY",
+                      version="2026-03-01", model_id="sonic-3", language="en",
+                      max_concurrency=3, timeout=30.0, spillover=False, ca_file="", voices={}),
+)
+
+# The [[route]] tables the shipped conf/lb.toml declares, in order.
+SHIPPED_ROUTES = (
+    Route("/synthesize-json", "chatterbox"), Route("/synthesize", "chatterbox"),
+    Route("/v1/audio/speech", "openai"), Route("/v1/audio/speech/stream", "openai"),
+    Route("/generate_voice", "chattts"),
 )
 
 FLOAT_FIELDS = [("timeouts", k) for k in SECTIONS["timeouts"]] + [
     ("pool", "idle_timeout"), ("balancer", "queue_timeout"), ("balancer", "slow_start"),
     ("passive", "base_ejection"), ("passive", "max_ejection"), ("passive", "jitter"),
     ("active", "interval"), ("active", "timeout"),
-    ("retry", "backoff_base"), ("retry", "backoff_max"),
+    ("retry", "backoff_base"), ("retry", "backoff_max"), ("cartesia", "timeout"),
 ]
 
 
@@ -122,10 +138,12 @@ def test_defaults_with_only_a_backend():
     assert config.backends == (BackendConfig(name="gpu0", url="http://127.0.0.1:6093",
                                              host="127.0.0.1", port=6093, max_concurrency=4,
                                              weight=1, health_path=""),)
+    assert config.routes == ()   # no [[route]]: no call can fall back
 
 
 def test_expected_defaults_cover_every_config_field():
-    assert set(EXPECTED_DEFAULTS) | {"backends"} == set(Config.__dataclass_fields__)
+    # backends and routes come from arrays of tables, not from SECTIONS.
+    assert set(EXPECTED_DEFAULTS) | {"backends", "routes"} == set(Config.__dataclass_fields__)
     assert {ATTRS.get(name, name) for name in SECTIONS} == set(EXPECTED_DEFAULTS)
 
 
@@ -147,13 +165,17 @@ def test_shipped_config_loads_and_matches_the_defaults():
         assert getattr(config, section) == expected, section
     assert [(b.name, b.host, b.port) for b in config.backends] == [
         ("gpu0", "127.0.0.1", 6093), ("gpu1", "127.0.0.1", 6094)]
+    assert config.routes == SHIPPED_ROUTES
+    # The fallback ships disabled, with no voices (so no default is required yet).
+    assert config.cartesia.enabled is False and config.cartesia.voices == {}
 
 
-def test_shipped_config_equals_parse_of_only_its_backends():
+def test_shipped_config_equals_parse_of_only_its_backends_and_routes():
     shipped = load(str(CONF))
     bare = parse({"backend": [
         {"name": "gpu0", "url": "http://127.0.0.1:6093", "health_path": "/health"},
-        {"name": "gpu1", "url": "http://127.0.0.1:6094", "health_path": "/health"}]})
+        {"name": "gpu1", "url": "http://127.0.0.1:6094", "health_path": "/health"}],
+        "route": [{"path": r.path, "kind": r.kind} for r in SHIPPED_ROUTES]})
     assert shipped == bare
 
 
@@ -241,7 +263,8 @@ def test_unknown_top_level_key():
     ("timeouts", "conect"), ("limits", "max_conections"), ("pool", "idle"),
     ("log", "acess"), ("listen", "port"), ("balancer", "polcy"),
     ("health.passive", "jiter"), ("health.active", "intervall"), ("retry", "attempt"),
-    ("admin", "allowed"),
+    ("admin", "allowed"), ("fallback.cartesia", "voice"), ("fallback.cartesia", "api_key"),
+    ("fallback.cartesia", "model"),
 ])
 def test_unknown_key_in_section(section, key):
     exc = error_of(minimal(**{section: {key: 1}}))
@@ -304,7 +327,7 @@ def test_literal_dotted_top_level_key_is_unknown():
 def test_unknown_top_level_reason_lists_the_new_sections():
     exc = error_of(minimal(balancr={}))
     assert exc.key == "balancr"
-    for name in ("admin", "backend", "balancer", "health", "retry"):
+    for name in ("admin", "backend", "balancer", "fallback", "health", "retry", "route"):
         assert name in exc.reason
 
 
@@ -340,13 +363,13 @@ INT_KEYS = [("limits", k) for k in SECTIONS["limits"]] + [("pool", "max_idle")] 
     ("health.passive", "max_ejected_percent"),
     ("health.active", "rise"), ("health.active", "fall"),
     ("retry", "attempts"), ("retry", "budget_percent"), ("retry", "budget_min"),
-    ("retry", "replay_max_bytes"),
+    ("retry", "replay_max_bytes"), ("fallback.cartesia", "max_concurrency"),
 ]
 SECONDS_KEYS = [("timeouts", k) for k in SECTIONS["timeouts"]] + [("pool", "idle_timeout")] + [
     ("balancer", "queue_timeout"),
     ("health.passive", "base_ejection"), ("health.passive", "max_ejection"),
     ("health.active", "interval"), ("health.active", "timeout"),
-    ("retry", "backoff_base"), ("retry", "backoff_max"),
+    ("retry", "backoff_base"), ("retry", "backoff_max"), ("fallback.cartesia", "timeout"),
 ]
 # Keys checked against another one (max >= base): setting one alone to an
 # arbitrary good value may break the pair, so the other is set to match.
@@ -404,6 +427,7 @@ def test_integer_keys_reject_other_types(section, key, value, shown):
     ("retry", "attempts", 0), ("retry", "attempts", -1), ("retry", "attempts", 11),
     ("retry", "budget_percent", -1), ("retry", "budget_percent", 101),
     ("retry", "budget_min", -1), ("retry", "replay_max_bytes", -1),
+    ("fallback.cartesia", "max_concurrency", 0), ("fallback.cartesia", "max_concurrency", 10_001),
 ])
 def test_integer_ranges(section, key, bad):
     exc = error_of(minimal(**{section: {key: bad}}))
@@ -426,6 +450,7 @@ def test_integer_ranges(section, key, bad):
     ("retry", "attempts", 1), ("retry", "attempts", 10),
     ("retry", "budget_percent", 0), ("retry", "budget_percent", 100),
     ("retry", "budget_min", 0), ("retry", "replay_max_bytes", 0),
+    ("fallback.cartesia", "max_concurrency", 1), ("fallback.cartesia", "max_concurrency", 10_000),
 ])
 def test_integer_range_bounds_are_inclusive(section, key, good):
     config = parse(minimal(**{section: {key: good}}))
@@ -657,6 +682,406 @@ def test_admin_allow_must_be_an_array_of_strings(bad, reason):
     exc = error_of(minimal(admin={"allow": bad}))
     assert exc.key == "admin.allow"
     assert reason in exc.reason
+
+
+# --- [fallback.cartesia]
+
+
+def cartesia(**keys) -> dict:
+    """minimal() with [fallback.cartesia] holding `keys`."""
+    return minimal(**{"fallback.cartesia": keys})
+
+
+def test_cartesia_defaults_without_a_fallback_table():
+    assert parse(minimal()).cartesia == EXPECTED_DEFAULTS["cartesia"]
+    assert parse(minimal(fallback={})).cartesia == EXPECTED_DEFAULTS["cartesia"]
+    assert parse(cartesia()).cartesia == EXPECTED_DEFAULTS["cartesia"]
+
+
+def test_cartesia_every_key_round_trips():
+    raw = cartesia(enabled=True, url="http://127.0.0.1:8443/", api_key_env="MY_TTS_KEY",
+                   version="2025-04-16", model_id="sonic-latest", language="pt-BR",
+                   max_concurrency=15, timeout=12, spillover=True, ca_file="/etc/ca.pem",
+                   voices={"default": UUID, "alloy": "694f9389-aac1-45b6-b726-9d9369183238"})
+    before = copy.deepcopy(raw)
+    config = parse(raw)
+    assert raw == before
+    assert config.cartesia == Cartesia(
+        enabled=True, url="http://127.0.0.1:8443", api_key_env="MY_TTS_KEY",
+        version="2025-04-16", model_id="sonic-latest", language="pt-BR", max_concurrency=15,
+        timeout=12.0, spillover=True, ca_file="/etc/ca.pem",
+        voices={"default": UUID, "alloy": "694f9389-aac1-45b6-b726-9d9369183238"})
+    assert type(config.cartesia.timeout) is float
+
+
+def test_cartesia_voices_are_not_shared_between_parses():
+    first, second = parse(minimal()), parse(minimal())
+    first.cartesia.voices["x"] = UUID
+    assert second.cartesia.voices == {} and SECTIONS["fallback.cartesia"]["voices"][0] == {}
+    raw = cartesia(voices={"default": UUID})
+    parse(raw).cartesia.voices["y"] = UUID
+    assert raw["fallback"]["cartesia"]["voices"] == {"default": UUID}
+
+
+def test_unknown_fallback_subsection_is_named():
+    exc = error_of(minimal(**{"fallback.elevenlabs": {"enabled": True}}))
+    assert exc.key == "fallback.elevenlabs"
+    assert "unknown section" in exc.reason and "cartesia" in exc.reason
+
+
+@pytest.mark.parametrize("value,shown", [(5, "integer"), ("cartesia", "string"), ([{}], "array")])
+def test_fallback_not_a_table(value, shown):
+    exc = error_of(minimal(fallback=value))
+    assert exc.key == "fallback"
+    assert "must be a table" in exc.reason and shown in exc.reason
+
+
+def test_literal_dotted_fallback_key_is_unknown():
+    raw = minimal()
+    raw["fallback.cartesia"] = {"enabled": False}
+    exc = error_of(raw)
+    assert exc.key == "fallback.cartesia" and "unknown section" in exc.reason
+
+
+@pytest.mark.parametrize("key", ["enabled", "spillover"])
+@pytest.mark.parametrize("bad", [1, 0, "true", "yes", [True]])
+def test_cartesia_booleans(key, bad):
+    exc = error_of(cartesia(**{key: bad}))
+    assert exc.key == f"fallback.cartesia.{key}"
+    assert "must be true or false" in exc.reason
+
+
+@pytest.mark.parametrize("url,expected", [
+    ("https://api.cartesia.ai", "https://api.cartesia.ai"),
+    ("https://api.cartesia.ai/", "https://api.cartesia.ai"),
+    ("http://127.0.0.1:8080", "http://127.0.0.1:8080"),
+    ("https://[::1]:8443", "https://[::1]:8443"),
+])
+def test_cartesia_url_accepted(url, expected):
+    assert parse(cartesia(url=url)).cartesia.url == expected
+
+
+@pytest.mark.parametrize("url,reason", [
+    ("https://api.cartesia.ai/tts/bytes", "must be scheme://host[:port] only"),
+    ("https://api.cartesia.ai/v1", "must be scheme://host[:port] only"),
+    ("https://api.cartesia.ai?x=1", "must be scheme://host[:port] only"),
+    ("https://api.cartesia.ai#tts", "must be scheme://host[:port] only"),
+    ("https://user:pw@api.cartesia.ai", "must be scheme://host[:port] only"),
+    ("wss://api.cartesia.ai", "must be http(s)://host[:port]"),
+    ("ftp://api.cartesia.ai", "must be http(s)://host[:port]"),
+    ("api.cartesia.ai", "must be http(s)://host[:port]"),
+    ("//api.cartesia.ai", "must be http(s)://host[:port]"),
+    ("https://", "must be http(s)://host[:port]"),
+    ("", "must be http(s)://host[:port]"),
+    ("https://api.cartesia.ai:99999", "cannot parse URL"),
+    ("https://api.cartesia.ai:port", "cannot parse URL"),
+    ("https://[::1", "cannot parse URL"),
+])
+def test_cartesia_url_rejected(url, reason):
+    exc = error_of(cartesia(url=url))
+    assert exc.key == "fallback.cartesia.url"
+    assert reason in exc.reason and repr(url) in exc.reason
+
+
+@pytest.mark.parametrize("url,shown", [(443, "integer"), (["https://a"], "array"),
+                                       (True, "boolean"), ({"host": "a"}, "table")])
+def test_cartesia_url_not_a_string(url, shown):
+    exc = error_of(cartesia(url=url))
+    assert exc.key == "fallback.cartesia.url"
+    assert "must be a URL" in exc.reason and shown in exc.reason
+
+
+@pytest.mark.parametrize("url", [
+    "https://api.cartesia.ai\n",        # a newline would reach log lines and /health
+    " https://api.cartesia.ai",
+    "https://api.cart\nesia.ai",        # urlsplit drops the newline: host "api.cartesia.ai"
+    "https://api cartesia.ai",          # no such host name
+    "https://api.cartesia.ai:0",        # cannot be connected to (backend urls reject it)
+])
+def test_cartesia_url_with_spaces_controls_or_port_zero_rejected(url):
+    exc = error_of(cartesia(url=url))
+    assert exc.key == "fallback.cartesia.url"
+
+
+@pytest.mark.parametrize("name", ["CARTESIA_API_KEY", "MY_KEY_2", "_K"])
+def test_cartesia_api_key_env_accepted(name):
+    assert parse(cartesia(api_key_env=name)).cartesia.api_key_env == name
+
+
+@pytest.mark.parametrize("name", ["cartesia_key", "_k"])
+def test_cartesia_api_key_env_must_be_in_capitals(name):
+    # Lower case is refused so that a pasted key (sk_car_...) cannot pass.
+    exc = error_of(cartesia(api_key_env=name))
+    assert exc.key == "fallback.cartesia.api_key_env" and "in capitals" in exc.reason
+    assert name not in exc.reason      # a string here may be the key: never echoed
+
+
+@pytest.mark.parametrize("bad", [
+    "a0e99841-438c-4a64-b679-ae501e7d6091",     # a key, not a variable name
+    "sk-car-4Fq9xYzT",
+    "Bearer sk_car_x",
+    "$CARTESIA_API_KEY",
+    "CARTESIA-API-KEY",
+    "1KEY",
+    "",
+    5,
+    ["CARTESIA_API_KEY"],
+])
+def test_cartesia_api_key_env_must_be_a_variable_name(bad):
+    exc = error_of(cartesia(api_key_env=bad))
+    assert exc.key == "fallback.cartesia.api_key_env"
+    assert "environment variable name" in exc.reason
+    assert "the key itself never goes in this file" in exc.reason
+
+
+@pytest.mark.parametrize("key", [
+    "sk_car_fake_7Qx2LmN9pR4t",         # the shape of a Cartesia key (tests/test_fake_cartesia.py)
+    "sk_car_admin_0123456789abcdef",
+])
+def test_cartesia_api_key_env_rejects_a_pasted_cartesia_key(key):
+    exc = error_of(cartesia(api_key_env=key))
+    assert exc.key == "fallback.cartesia.api_key_env"
+    assert "the key itself never goes in this file" in exc.reason
+
+
+@pytest.mark.parametrize("good", ["2026-03-01", "2025-04-16", "2024-06-10"])
+def test_cartesia_version_accepted(good):
+    assert parse(cartesia(version=good)).cartesia.version == good
+
+
+@pytest.mark.parametrize("bad", ["latest", "2026-3-1", "20260301", "2026/03/01", " 2026-03-01",
+                                 "2026-03-01T00:00", "", 20260301, 2026.0301, None])
+def test_cartesia_version_must_be_a_date(bad):
+    exc = error_of(cartesia(version=bad))
+    assert exc.key == "fallback.cartesia.version"
+    assert "must be a dated version" in exc.reason
+
+
+@pytest.mark.parametrize("bad", ["2026-13-01", "2026-02-30", "2026-00-00",
+                                 "\uff12\uff10\uff12\uff16-03-01"])  # full-width digits
+def test_cartesia_version_must_be_a_real_ascii_date(bad):
+    # Cartesia-Version is a calendar date sent as an ASCII header value.
+    exc = error_of(cartesia(version=bad))
+    assert exc.key == "fallback.cartesia.version"
+
+
+def test_cartesia_version_written_as_a_toml_date(tmp_path):
+    # version = 2026-03-01 without quotes is a TOML date, not a string.
+    path = tmp_path / "lb.toml"
+    path.write_text("[fallback.cartesia]\nversion = 2026-03-01\n" + GOOD_BACKEND)
+    with pytest.raises(ConfigError) as info:
+        load(str(path))
+    assert info.value.key == "fallback.cartesia.version"
+    assert "must be a dated version like \"2026-03-01\"" in info.value.reason
+
+
+@pytest.mark.parametrize("good", ["sonic-3", "sonic-3.5", "sonic-latest"])
+def test_cartesia_model_id_accepted(good):
+    assert parse(cartesia(model_id=good)).cartesia.model_id == good
+
+
+@pytest.mark.parametrize("bad", ["sonic-english", "sonic-multilingual", "sonic", "sonic-2",
+                                 "Sonic-3", "sonic-3 ", "", 3, ["sonic-3"]])
+def test_cartesia_model_id_choice(bad):
+    exc = error_of(cartesia(model_id=bad))
+    assert exc.key == "fallback.cartesia.model_id"
+    assert "must be one of sonic-3, sonic-3.5, sonic-latest" in exc.reason
+
+
+@pytest.mark.parametrize("good", ["en", "fr", "pt-BR", "zh-Hans", "es"])
+def test_cartesia_language_accepted(good):
+    assert parse(cartesia(language=good)).cartesia.language == good
+
+
+@pytest.mark.parametrize("bad", ["English", "EN", "e", "eng", "en_US", "en-", "en-U", " en",
+                                 "", 1, ["en"]])
+def test_cartesia_language_code(bad):
+    exc = error_of(cartesia(language=bad))
+    assert exc.key == "fallback.cartesia.language"
+    assert "must be a language code like \"en\"" in exc.reason
+
+
+@pytest.mark.parametrize("good", ["", "/etc/ssl/certs/ca-certificates.crt", "conf/ca.pem"])
+def test_cartesia_ca_file_accepted(good):
+    assert parse(cartesia(ca_file=good)).cartesia.ca_file == good
+
+
+@pytest.mark.parametrize("bad,shown", [(False, "boolean"), (0, "integer"), (["a.pem"], "array")])
+def test_cartesia_ca_file_must_be_a_string(bad, shown):
+    exc = error_of(cartesia(ca_file=bad))
+    assert exc.key == "fallback.cartesia.ca_file"
+    assert "must be a file path" in exc.reason and shown in exc.reason
+
+
+@pytest.mark.parametrize("bad,shown", [("default", "string"), ([UUID], "array"), (1, "integer")])
+def test_cartesia_voices_must_be_a_table(bad, shown):
+    exc = error_of(cartesia(voices=bad))
+    assert exc.key == "fallback.cartesia.voices"
+    assert "must be a table of voice name = Cartesia voice id" in exc.reason and shown in exc.reason
+
+
+@pytest.mark.parametrize("voices,name,shown", [
+    ({"default": 5}, "default", "integer 5"),
+    ({"default": UUID, "alloy": True}, "alloy", "boolean True"),
+    ({"alloy": [UUID]}, "alloy", "array"),
+    ({"alloy": {"id": UUID}}, "alloy", "table"),
+    ({"alloy": ""}, "alloy", "string ''"),
+    ({"alloy": "not a uuid"}, "alloy", "string 'not a uuid'"),
+    ({"alloy": "x" * 65}, "alloy", "string"),
+    ({"alloy": UUID + "\n"}, "alloy", "string"),
+])
+def test_cartesia_voice_ids(voices, name, shown):
+    exc = error_of(cartesia(voices=voices))
+    assert exc.key == "fallback.cartesia.voices"
+    assert f"voice {name!r} must map to a Cartesia voice id" in exc.reason and shown in exc.reason
+
+
+def test_cartesia_voice_names_are_free():
+    voices = {"default": UUID, "Alloy": UUID, "en-GB narrator": UUID, "": UUID, "x" * 64: UUID}
+    assert parse(cartesia(enabled=True, voices=voices)).cartesia.voices == voices
+
+
+@pytest.mark.parametrize("voices", [None, {}, {"alloy": UUID}, {"Default": UUID}])
+def test_enabled_fallback_needs_a_default_voice(voices):
+    raw = cartesia(enabled=True) if voices is None else cartesia(enabled=True, voices=voices)
+    exc = error_of(raw)
+    assert exc.key == "fallback.cartesia.voices.default"
+    assert "required when the fallback is enabled" in exc.reason
+
+
+def test_disabled_fallback_needs_no_default_voice():
+    config = parse(cartesia(enabled=False, voices={"alloy": UUID}))
+    assert not config.cartesia.enabled and config.cartesia.voices == {"alloy": UUID}
+
+
+def test_bad_voice_id_is_reported_before_the_missing_default():
+    exc = error_of(cartesia(enabled=True, voices={"alloy": 5}))
+    assert exc.key == "fallback.cartesia.voices"
+
+
+def test_cartesia_from_a_real_toml_file(tmp_path):
+    # [fallback.cartesia.voices] is three levels deep: raw["fallback"]["cartesia"]["voices"].
+    path = tmp_path / "lb.toml"
+    path.write_text(
+        '[fallback.cartesia]\nenabled = true\nmax_concurrency = 5\ntimeout = 45\n'
+        'spillover = true\n'
+        f'[fallback.cartesia.voices]\ndefault = "{UUID}"\n"en narrator" = "{UUID}"\n'
+        + GOOD_BACKEND)
+    config = load(str(path))
+    assert config.cartesia == dataclasses.replace(
+        EXPECTED_DEFAULTS["cartesia"], enabled=True, max_concurrency=5, timeout=45.0,
+        spillover=True, voices={"default": UUID, "en narrator": UUID})
+
+
+def test_voices_written_inline_and_as_a_subtable_agree(tmp_path):
+    inline = tmp_path / "a.toml"
+    inline.write_text(f'[fallback.cartesia]\nenabled = true\nvoices = {{ default = "{UUID}" }}\n'
+                      + GOOD_BACKEND)
+    nested = tmp_path / "b.toml"
+    nested.write_text(f'[fallback.cartesia]\nenabled = true\n[fallback.cartesia.voices]\n'
+                      f'default = "{UUID}"\n' + GOOD_BACKEND)
+    assert load(str(inline)) == load(str(nested))
+
+
+# --- [[route]]
+
+
+def routes(*entries) -> dict:
+    raw = minimal()
+    raw["route"] = copy.deepcopy(list(entries))
+    return raw
+
+
+def test_routes_in_order():
+    config = parse(routes({"path": "/synthesize", "kind": "chatterbox"},
+                          {"path": "/v1/audio/speech", "kind": "openai"},
+                          {"path": "/generate_voice", "kind": "chattts"}))
+    assert config.routes == (Route("/synthesize", "chatterbox"),
+                             Route("/v1/audio/speech", "openai"),
+                             Route("/generate_voice", "chattts"))
+
+
+def test_empty_route_array_is_no_routes():
+    assert parse(routes()).routes == ()
+
+
+def test_route_kinds():
+    assert ROUTE_KINDS == ("chatterbox", "openai", "chattts")
+    assert {r.kind for r in SHIPPED_ROUTES} == set(ROUTE_KINDS)
+
+
+@pytest.mark.parametrize("path", ["/", "/synthesize-json", "/v1/audio/speech/stream",
+                                  "/a_b.c~d!$&'()*+,;=:@%20"])
+def test_route_path_accepted(path):
+    assert parse(routes({"path": path, "kind": "openai"})).routes == (Route(path, "openai"),)
+
+
+@pytest.mark.parametrize("path,shown", [
+    ("synthesize", "'synthesize'"), ("", "''"), ("/a b", "'/a b'"), (" /a", "' /a'"),
+    ("/tts?voice=x", "'/tts?voice=x'"), ("/tts?", "'/tts?'"), ("/tts#x", "'/tts#x'"),
+    ("http://h/tts", "'http://h/tts'"), ("/t\tts", "string"), ("/t\x7fts", "string"),
+    ("/t\u00e9", "string"), (5, "integer 5"), (["/tts"], "array"), (None, "missing"),
+])
+def test_route_path_rejected(path, shown):
+    entry = {"kind": "openai"} if path is None else {"path": path, "kind": "openai"}
+    exc = error_of(routes({"path": "/ok", "kind": "openai"}, entry))
+    assert exc.key == "route[1].path"
+    assert "must be a path starting with '/', without spaces, '?' or '#'" in exc.reason
+    assert shown in exc.reason
+
+
+@pytest.mark.parametrize("kind,shown", [("cartesia", "'cartesia'"), ("OpenAI", "'OpenAI'"),
+                                        ("", "''"), (1, "integer"), (["openai"], "array"),
+                                        (None, "missing")])
+def test_route_kind_rejected(kind, shown):
+    entry = {"path": "/tts"} if kind is None else {"path": "/tts", "kind": kind}
+    exc = error_of(routes(entry))
+    assert exc.key == "route[0].kind"
+    assert "must be one of chatterbox, openai, chattts" in exc.reason and shown in exc.reason
+
+
+@pytest.mark.parametrize("kind", ["openai", "chatterbox"])
+def test_duplicate_route_path(kind):
+    exc = error_of(routes({"path": "/a", "kind": "openai"}, {"path": "/b", "kind": "openai"},
+                          {"path": "/a", "kind": kind}))
+    assert exc.key == "route[2].path"
+    assert "duplicate route '/a'" in exc.reason
+
+
+def test_route_paths_are_exact_not_normalised():
+    config = parse(routes({"path": "/tts", "kind": "openai"}, {"path": "/tts/", "kind": "openai"},
+                          {"path": "/TTS", "kind": "chattts"}))
+    assert [r.path for r in config.routes] == ["/tts", "/tts/", "/TTS"]
+
+
+@pytest.mark.parametrize("key", ["method", "Path", "backend", "fallback"])
+def test_unknown_key_in_route(key):
+    exc = error_of(routes({"path": "/a", "kind": "openai"},
+                          {"path": "/b", "kind": "openai", key: "x"}))
+    assert exc.key == f"route[1].{key}"
+    assert "unknown key (known: path, kind)" in exc.reason
+
+
+@pytest.mark.parametrize("value", [{"path": "/a", "kind": "openai"}, "/a", 1, True])
+def test_route_not_an_array(value):
+    raw = minimal()
+    raw["route"] = value
+    exc = error_of(raw)
+    assert exc.key == "route"
+    assert "must be an array of tables ([[route]])" in exc.reason
+
+
+@pytest.mark.parametrize("entry", ["/a", 1, ["/a", "openai"], None])
+def test_route_entry_not_a_table(entry):
+    exc = error_of(routes({"path": "/ok", "kind": "openai"}, entry))
+    assert exc.key == "route[1]"
+    assert "must be a table" in exc.reason
+
+
+def test_routes_are_checked_after_backends():
+    raw = routes({"path": "bad", "kind": "openai"})
+    raw["backend"] = []
+    assert error_of(raw).key == "backend"
 
 
 # --- per-backend keys
@@ -903,14 +1328,24 @@ JUNK = st.recursive(
 
 # Junk placed at one known key: (path, how to plant it).
 LEAF_PATHS = [f"{section}.{key}" for section, keys in SECTIONS.items() for key in keys] + [
-    f"backend[{i}].{key}" for i in (0, 1) for key in ("name", "url", *BACKEND_KEYS)]
-# "health" is the parent of [health.passive] and [health.active].
+    f"backend[{i}].{key}" for i in (0, 1) for key in ("name", "url", *BACKEND_KEYS)] + [
+    f"route[{i}].{key}" for i in (0, 1) for key in ("path", "kind")]
+# "health" is the parent of [health.passive] and [health.active]; "fallback" of
+# [fallback.cartesia].
 PARENTS = sorted({section.split(".")[0] for section in SECTIONS if "." in section})
-CONTAINER_PATHS = [*SECTIONS, *PARENTS, "backend", "backend[0]", "backend[1]"]
+ARRAYS = ("backend", "route")   # [[backend]] and [[route]]: arrays of tables
+CONTAINER_PATHS = [*SECTIONS, *PARENTS, *(f"{a}{i}" for a in ARRAYS for i in ("", "[0]", "[1]"))]
 # Junk at the first key may be a good value that fails the comparison with the
 # second; that error is reported at the second key.
 COMPARED = {"health.passive.base_ejection": "health.passive.max_ejection",
-            "retry.backoff_base": "retry.backoff_max"}
+            "retry.backoff_base": "retry.backoff_max",
+            # voices is table-valued: a junk table may be a good one that lacks the
+            # "default" an enabled fallback requires.
+            "fallback.cartesia.voices": "fallback.cartesia.voices.default"}
+# One level deeper, inside the table-valued key [fallback.cartesia.voices]
+# (raw["fallback"]["cartesia"]["voices"][name]): any name is allowed, and a bad
+# id is reported at the voices key itself, with the voice's name in the reason.
+VOICE_PATHS = ["fallback.cartesia.voices.default", "fallback.cartesia.voices.alloy"]
 
 
 def base_document() -> dict:
@@ -926,8 +1361,13 @@ def base_document() -> dict:
                    "active": {"rise": 1}},
         "retry": {"attempts": 3, "backoff_base": 0.05, "backoff_max": 0.5},
         "admin": {"allow": ["10.0.0.0/8"]},
+        # Enabled, so that the cross-key rule (voices.default) is live.
+        "fallback": {"cartesia": {"enabled": True, "model_id": "sonic-3.5", "timeout": 20,
+                                  "voices": {"default": UUID, "alloy": UUID}}},
         "backend": [{"name": "a", "url": "http://127.0.0.1:1", "weight": 2},
                     {"name": "b", "url": "http://127.0.0.1:2", "health_path": "/health"}],
+        "route": [{"path": "/synthesize", "kind": "chatterbox"},
+                  {"path": "/v1/audio/speech", "kind": "openai"}],
     }
 
 
@@ -937,17 +1377,21 @@ def test_base_document_is_valid_and_has_every_section():
     for section in SECTIONS:
         assert isinstance(table_of(raw, section), dict)
     assert raw == base_document()
+    config = parse(raw)
+    assert config.cartesia.enabled and config.cartesia.voices == {"default": UUID, "alloy": UUID}
+    assert len(config.routes) == 2
 
 
 def plant(raw: dict, path: str, value) -> None:
-    if path.startswith("backend["):
-        index = int(path[len("backend["):path.index("]")])
+    array = path.split("[", 1)[0]
+    if array in ARRAYS and "[" in path:
+        index = int(path[len(array) + 1:path.index("]")])
         rest = path[path.index("]") + 1:]
         if not rest:
-            raw["backend"][index] = value
+            raw[array][index] = value
         else:
-            raw["backend"][index][rest[1:]] = value
-    elif path in SECTIONS or path in PARENTS or path == "backend":
+            raw[array][index][rest[1:]] = value
+    elif path in SECTIONS or path in PARENTS or path in ARRAYS:
         put(raw, path, value)
     else:
         section, key = path.rsplit(".", 1)
@@ -966,6 +1410,18 @@ def test_plant_places_dotted_paths_as_nested_tables():
     assert (config.passive.jitter, config.active.rise, config.backends[1].weight) == (0.5, 9, 3)
 
 
+def test_plant_reaches_three_levels_and_routes():
+    raw = base_document()
+    plant(raw, "fallback.cartesia.voices.nova", UUID)
+    plant(raw, "fallback.cartesia.language", "fr")
+    plant(raw, "route[1].kind", "chattts")
+    assert raw["fallback"]["cartesia"]["voices"]["nova"] == UUID
+    assert "fallback.cartesia" not in raw and "fallback.cartesia.voices" not in raw
+    config = parse(raw)
+    assert config.cartesia.voices["nova"] == UUID and config.cartesia.language == "fr"
+    assert config.routes[1] == Route("/v1/audio/speech", "chattts")
+
+
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(path=st.sampled_from(LEAF_PATHS), value=JUNK)
 def test_junk_at_a_key_is_a_config_error_naming_that_key(path, value):
@@ -977,12 +1433,29 @@ def test_junk_at_a_key_is_a_config_error_naming_that_key(path, value):
         if path.endswith(".name") and exc.key.startswith("backend["):
             # A junk name equal to the other backend's is reported at the later one.
             assert exc.key in (path, "backend[1].name")
+        elif path.endswith(".path") and exc.key.startswith("route["):
+            # Likewise a junk path equal to the other route's.
+            assert exc.key in (path, "route[1].path"), (exc.key, str(exc))
         elif path in COMPARED:
             assert exc.key in (path, COMPARED[path]), (exc.key, str(exc))
         else:
             assert exc.key == path, (exc.key, str(exc))
         assert exc.reason
         assert "\n" not in exc.reason
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(path=st.sampled_from(VOICE_PATHS), value=JUNK)
+def test_junk_voice_id_is_reported_at_the_voices_key(path, value):
+    raw = base_document()
+    plant(raw, path, value)
+    try:
+        config = parse(raw)
+    except ConfigError as exc:
+        assert exc.key == "fallback.cartesia.voices", (exc.key, str(exc))
+        assert repr(path.rsplit(".", 1)[1]) in exc.reason and "\n" not in exc.reason
+    else:
+        assert config.cartesia.voices[path.rsplit(".", 1)[1]] == value
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -994,8 +1467,10 @@ def test_junk_in_place_of_a_table_is_a_config_error_under_that_key(path, value):
         parse(raw)
     except ConfigError as exc:
         assert exc.key == path or exc.key.startswith((path + ".", path + "[")) or (
-            # a replaced backend[0] may collide with backend[1]'s name
-            path.startswith("backend[") and exc.key.startswith("backend[")), (exc.key, str(exc))
+            # a replaced backend[0] may collide with backend[1]'s name (route[0] with
+            # route[1]'s path)
+            path.startswith(("backend[", "route[")) and exc.key.startswith(
+                path.split("[", 1)[0] + "[")), (exc.key, str(exc))
 
 
 @settings(max_examples=100, deadline=None)
@@ -1137,6 +1612,52 @@ def test_backends_round_trip(names, ports):
         (n, f"10.0.0.{i}", p, f"http://10.0.0.{i}:{p}") for i, (n, p) in enumerate(zip(names, ports))]
 
 
+voice_ids = st.text("0123456789abcdefABCDEF-", min_size=1, max_size=64)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    keys=st.fixed_dictionaries({}, optional={
+        "enabled": st.booleans(),
+        "url": st.sampled_from(["https://api.cartesia.ai", "http://127.0.0.1:1",
+                                "https://[::1]:443", "http://fake.local"]),
+        "api_key_env": st.from_regex(r"[A-Z_][A-Z0-9_]{0,30}", fullmatch=True),
+        "version": st.dates().map(lambda d: d.isoformat()).filter(lambda d: len(d) == 10),
+        "model_id": st.sampled_from(["sonic-3", "sonic-3.5", "sonic-latest"]),
+        "language": st.from_regex(r"[a-z]{2}(-[A-Za-z]{2,4})?", fullmatch=True),
+        "max_concurrency": st.integers(1, 10_000),
+        "timeout": positive_seconds,
+        "spillover": st.booleans(),
+        "ca_file": st.text(max_size=40),
+    }),
+    voices=st.dictionaries(st.text(max_size=20), voice_ids, max_size=5),
+    default=voice_ids,
+)
+def test_cartesia_round_trip(keys, voices, default):
+    if keys.get("enabled"):
+        voices = {**voices, "default": default}
+    raw = cartesia(**keys, voices=voices)
+    before = copy.deepcopy(raw)
+    config = parse(raw)
+    assert raw == before
+    expected = {key: value for key, (value, _) in SECTIONS["fallback.cartesia"].items()}
+    expected.update(keys, voices=voices)
+    expected["timeout"] = float(expected["timeout"])
+    assert config.cartesia == Cartesia(**expected)
+    assert type(config.cartesia.timeout) is float
+
+
+@settings(max_examples=100, deadline=None)
+@given(entries=st.lists(
+    st.tuples(st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7e,
+                                    blacklist_characters="#?"), max_size=20).map(lambda t: "/" + t),
+              st.sampled_from(ROUTE_KINDS)),
+    max_size=8, unique_by=lambda e: e[0]))
+def test_routes_round_trip(entries):
+    raw = routes(*({"path": p, "kind": k} for p, k in entries))
+    assert parse(raw).routes == tuple(Route(p, k) for p, k in entries)
+
+
 # --- python -m lb --check
 
 
@@ -1164,6 +1685,18 @@ GOOD_BACKEND = '[[backend]]\nname = "a"\nurl = "http://127.0.0.1:6093"\n'
     ('[admin]\nallow = ["not-an-ip"]\n' + GOOD_BACKEND, "admin.allow", "not an IP address"),
     (GOOD_BACKEND + "weight = 0\n", "backend[0].weight", "must be >= 1"),
     (GOOD_BACKEND + 'health_path = "health"\n', "backend[0].health_path", "start with '/'"),
+    ("[fallback.cartesia]\nenabled = true\n" + GOOD_BACKEND, "fallback.cartesia.voices.default",
+     "required when the fallback is enabled"),
+    ('[fallback.cartesia]\nurl = "https://api.cartesia.ai/tts"\n' + GOOD_BACKEND,
+     "fallback.cartesia.url", "scheme://host[:port] only"),
+    ('[fallback.cartesia]\nmodel_id = "sonic-english"\n' + GOOD_BACKEND,
+     "fallback.cartesia.model_id", "must be one of"),
+    ("[fallback.cartesia.voices]\ndefault = 5\n" + GOOD_BACKEND, "fallback.cartesia.voices",
+     "voice 'default'"),
+    (GOOD_BACKEND + '[[route]]\npath = "/tts"\nkind = "piper"\n', "route[0].kind",
+     "must be one of chatterbox, openai, chattts"),
+    (GOOD_BACKEND + '[[route]]\npath = "/tts?x"\nkind = "openai"\n', "route[0].path",
+     "without spaces, '?' or '#'"),
 ])
 def test_check_reports_one_line_and_exits_2(tmp_path, text, key, reason):
     path = tmp_path / "bad.toml"

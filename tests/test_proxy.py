@@ -115,8 +115,9 @@ def test_access_log_line_has_the_fields(lb):
 
 
 def test_builtin_endpoints(lb, backend):
-    assert get_json(lb.port, "/health") == {"status": "ok", "backends_usable": 1,
-                                            "backends_total": 1}
+    assert get_json(lb.port, "/health") == {
+        "status": "ok", "backends_usable": 1, "backends_total": 1,
+        "fallback": {"enabled": False, "usable": False, "reason": "disabled"}}
     stats = get_json(lb.port, "/lb-stats")
     (entry,) = stats["backends"]
     assert entry["url"] == backend.url and entry["state"] == "up"

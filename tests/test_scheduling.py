@@ -251,7 +251,8 @@ def test_own_endpoints_answer_while_every_backend_is_full(start_backend, start_l
 
         health = request(lb.port, "/health", timeout=2)
         assert health.status == 200
-        assert health.json() == {"status": "ok", "backends_usable": 2, "backends_total": 2}
+        assert health.json()["status"] == "ok"
+        assert (health.json()["backends_usable"], health.json()["backends_total"]) == (2, 2)
         stats = request(lb.port, "/lb-stats", timeout=2)
         assert stats.status == 200
         assert stats.json()["queue"]["length"] == 3
