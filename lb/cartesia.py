@@ -58,10 +58,15 @@ class CartesiaClient:
         self._ssl: ssl.SSLContext | None = None
         if self.tls:
             self._ssl = ssl.create_default_context(cafile=cfg.ca_file or None)
-        key = (os.environ if environ is None else environ).get(cfg.api_key_env, "")
+        key = (os.environ if environ is None else environ).get(cfg.api_key_env, "").strip()
         self._key = key
-        self.unusable_reason = "" if key else (
-            f"no API key: environment variable {cfg.api_key_env} is not set")
+        self.unusable_reason = ""
+        if not key:
+            self.unusable_reason = f"no API key: environment variable {cfg.api_key_env} is not set"
+        elif not (key.isascii() and key.isprintable() and " " not in key):
+            # h11 would refuse the header, quoting it: say so here, without the key.
+            self.unusable_reason = (f"the key in environment variable {cfg.api_key_env} holds "
+                                    "characters not allowed in an HTTP header")
         self._slots = asyncio.Semaphore(cfg.max_concurrency)
         self.in_flight = 0
         self.calls = 0
@@ -138,10 +143,15 @@ class CartesiaClient:
             raise CartesiaError(0, f"cannot connect to Cartesia at {self.cfg.url}: "
                                 f"{exc.strerror or exc}") from None
         conn = h11.Connection(h11.CLIENT)
-        writer.write(conn.send(h11.Request(method="POST", target="/tts/bytes",
-                                           headers=self.headers(len(body)))))
-        writer.write(conn.send(h11.Data(data=body)))
-        writer.write(conn.send(h11.EndOfMessage()))
+        try:
+            writer.write(conn.send(h11.Request(method="POST", target="/tts/bytes",
+                                               headers=self.headers(len(body)))))
+            writer.write(conn.send(h11.Data(data=body)))
+            writer.write(conn.send(h11.EndOfMessage()))
+        except h11.LocalProtocolError:
+            writer.transport.abort()
+            # Its message may quote the Authorization header: not repeated here.
+            raise CartesiaError(0, "could not write the request to Cartesia") from None
         return conn, reader, writer
 
     async def _next(self, conn: h11.Connection, reader: asyncio.StreamReader, deadline: float):
@@ -191,12 +201,18 @@ class CartesiaClient:
         return out[:MAX_ERROR_BODY].decode("utf-8", "replace").strip()
 
     def _refused(self, status: int, detail: str) -> None:
+        """Cartesia said no.  Its words go to the log only (masked): callers and
+        the unauthenticated /health see the status."""
         self.outcomes[f"http_{status}"] += 1
         detail = detail.replace(self._key, "[key]") if self._key else detail
-        reason = f"Cartesia answered {status}" + (f": {detail[:300]}" if detail else "")
+        reason = f"Cartesia answered {status}"
         if status in UNUSABLE:
             self.unusable_reason = reason
-            log.error("Cartesia fallback is unusable until the key or plan is fixed: %s", reason)
+            log.error("Cartesia fallback is unusable until the key or plan is fixed: %s: %s",
+                      reason, detail[:300])
+            reason += " (the fallback is unusable until the key or plan is fixed)"
+        else:
+            log.warning("Cartesia fallback call refused: %s: %s", reason, detail[:300])
         raise CartesiaError(status, reason)
 
     def snapshot(self) -> dict:

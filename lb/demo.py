@@ -1,8 +1,9 @@
 """`python -m lb --demo`: a stand-in fleet for a first run without GPU servers.
 
-Starts one simulated backend per configured backend URL on 127.0.0.1 (the
-defaults: 6093 and 6094) as child processes, then the balancer runs as usual.
-The stand-ins are separate programs (`python -m backends.echo`); the balancer
+Starts one simulated Chatterbox GPU server per configured backend URL on
+127.0.0.1 (the defaults: 6093 and 6094) as child processes, then the
+balancer runs as usual.  The stand-ins are separate programs
+(`python -m backends.chatterbox`, 2 slots, real WAV audio); the balancer
 does not import them.
 """
 
@@ -33,8 +34,8 @@ def demo_fleet(config: Config) -> Iterator[None]:
                 raise SystemExit(f"lb: --demo runs backends on this machine only; "
                                  f"{backend.name} is at {backend.url}")
             child = subprocess.Popen(
-                [sys.executable, "-m", "backends.echo", "--host", backend.host,
-                 "--port", str(backend.port)],
+                [sys.executable, "-m", "backends.chatterbox", "--host", backend.host,
+                 "--port", str(backend.port), "--load-time", "0"],
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
             children.append(child)
             output = _until_listening(child)

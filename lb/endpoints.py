@@ -41,10 +41,13 @@ def health(balancer: "Balancer", request: h11.Request, peer: str) -> tuple[int, 
     now = time.monotonic()
     usable = sum(1 for b in balancer.backends if b.health.in_rotation(now))
     fallback = balancer.fallback_snapshot()
-    body = {"status": "ok" if usable else "unavailable",
+    # With no backend in the rotation, TTS calls still get a voice while
+    # the Cartesia fallback is usable: this balancer can still serve.
+    status = "ok" if usable else "fallback" if fallback["usable"] else "unavailable"
+    body = {"status": status,
             "backends_usable": usable, "backends_total": len(balancer.backends),
             "fallback": {k: fallback[k] for k in ("enabled", "usable", "reason")}}
-    return (200 if usable else 503), JSON, orjson.dumps(body)
+    return (503 if status == "unavailable" else 200), JSON, orjson.dumps(body)
 
 
 def lb_stats(balancer: "Balancer", request: h11.Request, peer: str) -> tuple[int, bytes, bytes]:

@@ -32,6 +32,7 @@ cut-short response never looks whole.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import TYPE_CHECKING
 
@@ -44,6 +45,8 @@ from .cartesia import CartesiaError
 from .retry import RETRYABLE_KINDS
 from .scheduler import NO_BACKEND, QUEUE_FULL, Ticket
 from .timer import Deadline
+
+log = logging.getLogger("lb")
 
 if TYPE_CHECKING:
     from .balancer import Balancer
@@ -524,7 +527,7 @@ class Exchange:
         True if this exchange is now answered that way (or refused for it)."""
         fallback = self.balancer.fallback
         if (fallback is None or self.kind is None or self.response_started
-                or self.phase == DONE):
+                or self.phase == DONE or self.request.method != b"POST"):
             return False
         if self._kept is None:
             self.why.append("no fallback: request body over retry.replay_max_bytes")
@@ -537,9 +540,15 @@ class Exchange:
         self._deadline.cancel()
         if not fallback.client.usable:
             self._answer_error(503, f"{reason}; the Cartesia fallback is unusable: "
-                               f"{fallback.client.unusable_reason}")
+                               f"{fallback.client.unusable_reason}",
+                               extra=[(b"retry-after", b"1")])
             return True
         self.balancer.fallbacks[why] += 1
+        if self._retrying:
+            # Its retries are over: it no longer counts against the retry budget.
+            self._retrying = False
+            self.balancer.retry.retrying -= 1
+            self.balancer.retry.remember(self.request_id, 0, self.tried, self.why)
         self.phase = FALLBACK
         self.fallback_reason = reason
         self._replaying = True                 # the whole body is needed, as for a resend
@@ -572,6 +581,11 @@ class Exchange:
         self.served_by = "cartesia"
         try:
             await self.balancer.fallback.answer(call, _ToClient(self))
+        except ClientStalled:
+            if self.phase != DONE:
+                self._abandon(504, f"client read nothing for "
+                              f"{self.balancer.config.timeouts.idle:g}s")
+            return
         except CartesiaError as exc:
             if self.phase == DONE:
                 return
@@ -582,6 +596,15 @@ class Exchange:
                 self.client.abort_response()
             else:
                 self._answer_error(503, reason, extra=[(b"retry-after", b"1")])
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:   # a bug must not leave the caller hanging
+            # Only the type: a message from deep inside could quote the API key.
+            log.error("fallback call %s failed: %s", self.request_id, type(exc).__name__)
+            if self.phase != DONE:
+                self._abandon(500, f"{self.fallback_reason}; the fallback failed "
+                              f"({type(exc).__name__})")
             return
         if self.phase == DONE:
             return
@@ -647,7 +670,7 @@ class Exchange:
             retry.retrying -= 1
             retry.remember(self.request_id, self.status, self.tried, self.why)
         backend = self.backend
-        if backend is not None:
+        if backend is not None and not self.served_by:   # Cartesia's bytes are not its
             backend.bytes_sent += self.bytes_in
             backend.bytes_received += self.bytes_out
         self._release_slot()
@@ -675,8 +698,17 @@ class _ToClient:
         ex.client.send_data(chunk)
 
     async def drained(self) -> None:
+        """Wait while the client's write buffer is full, at most timeouts.idle."""
         ex = self.exchange
         if ex.client.write_paused and ex.phase != DONE:
             ex._drained = ex.balancer.loop.create_future()
-            await ex._drained
-            ex._drained = None
+            try:
+                await asyncio.wait_for(ex._drained, ex.balancer.config.timeouts.idle)
+            except asyncio.TimeoutError:
+                raise ClientStalled() from None
+            finally:
+                ex._drained = None
+
+
+class ClientStalled(Exception):
+    """The caller stopped reading the fallback's answer."""

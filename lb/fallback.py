@@ -6,7 +6,8 @@ request per text, and Cartesia's audio goes back as:
 
     WAV            Cartesia's WAV, streamed through as it arrives
     WAV_STREAM     an "unknown size" WAV header, then the PCM as it arrives
-    SSE            speech.audio.delta events (base64 PCM), then speech.audio.done
+    SSE            speech.audio.info, speech.audio.delta events (base64 PCM),
+                   then speech.audio.done
     CHATTERBOX_JSON  Chatterbox's JSON; the WAV is kept by the balancer and
                    served at the JSON's audio_url
     ZIP            one WAV a text item (as ChatTTS returns one file an item)
@@ -118,7 +119,9 @@ class Fallback:
             return _sse_event({"type": "speech.audio.delta",
                                "audio": base64.b64encode(pcm[:whole]).decode("ascii")})
 
-        await self._stream(call, out, deadline, b"text/event-stream", event)
+        info = _sse_event({"type": "speech.audio.info", "sample_rate": tr.SAMPLE_RATE,
+                           "channels": 1, "bits_per_sample": 16})
+        await self._stream(call, out, deadline, b"text/event-stream", event, preamble=info)
         out.data(_sse_event({"type": "speech.audio.done",
                              "usage": {"input_characters": call.characters}}))
 

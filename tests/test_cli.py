@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import http.client
+import io
+import json
+import wave
 import socket
 import subprocess
 import sys
@@ -51,21 +54,30 @@ def test_demo_starts_a_fleet_that_answers_and_stops_it(tmp_path):
     config = tmp_path / "demo.toml"
     config.write_text('[listen]\naddress = "127.0.0.1:0"\n' + "".join(
         f'[[backend]]\nname = "gpu{i}"\nurl = "http://127.0.0.1:{port}"\n'
-        for i, port in enumerate(ports)))
+        for i, port in enumerate(ports))
+        # As in conf/lb.toml: the audio_url fetch goes to the server that made the file.
+        + '[[route]]\npath = "/synthesize-json"\nkind = "chatterbox"\n')
     lb = Process(["-m", "lb", "--demo", "-c", str(config)])
     try:
         port = int(lb.wait_for_line(r"listening on 127\.0\.0\.1:(\d+)").group(1))
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-        served_by = set()
-        for _ in range(6):
-            conn.request("GET", "/stream?chunks=2&size=4800")
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        for _ in range(4):
+            # A two-step Chatterbox call: synthesize, then fetch the audio it names.
+            conn.request("POST", "/synthesize-json", body=b'{"text": "Hello from the demo."}',
+                         headers={"Content-Type": "application/json"})
             resp = conn.getresponse()
-            assert resp.status == 200 and len(resp.read()) == 9600
-            served_by.add(resp.getheader("X-Backend-Port"))
+            answer = json.loads(resp.read())
+            assert resp.status == 200 and answer["success"] is True, answer
+            conn.request("GET", answer["audio_url"])
+            resp = conn.getresponse()
+            audio = resp.read()
+            assert resp.status == 200 and audio[:4] == b"RIFF"
+            with wave.open(io.BytesIO(audio)) as wav:
+                assert wav.getframerate() == 24000
+                assert abs(wav.getnframes() / 24000 - answer["duration"]) < 0.01
         conn.request("GET", "/health")
         assert b'"backends_usable":2' in conn.getresponse().read()
         conn.close()
-        assert served_by <= {str(p) for p in ports}
     finally:
         assert lb.stop() == 0
     # The demo backends went away with the balancer.
