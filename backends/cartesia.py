@@ -55,15 +55,15 @@ Audio: duration = len(transcript) / chars_per_second / speed (capped by "duratio
 """
 from __future__ import annotations
 
-import argparse, asyncio, base64, datetime, hmac, math, os, re, signal, ssl as _ssl, struct
-import sys, threading, traceback, uuid
+import argparse, asyncio, base64, datetime, hmac, math, os, re, ssl as _ssl, struct, sys, uuid
 from array import array
 from functools import lru_cache
-from http import HTTPStatus
 from urllib.parse import urlsplit
 
 import h11
 import orjson
+
+from .plumbing import Conn, Done, Server, ServerThread, cli_parser, serve_until_signal
 
 API_VERSIONS = ("2024-06-10", "2024-11-13", "2025-04-16", "2026-03-01")
 BEARER_SINCE = "2025-04-16"       # from this version on: Authorization: Bearer <key>
@@ -85,23 +85,7 @@ TONE_AMPLITUDE = 0.25    # times generation_config.volume (<= 2.0), so never cli
 PIECE_SECONDS = 0.1      # audio per streamed piece
 MAX_BODY = 1 << 20
 MAX_LOG = 10_000          # /_requests keeps the newest entries only
-READ_SIZE = 65536
-LINGER = 2.0             # how long a graceful close waits for the client's FIN
 WAIT_MAX = 3600.0        # no wait here is unbounded
-MAX_REQUESTS_PER_CONN = 10**9
-MAX_READS_PER_EVENT = 100_000
-
-
-def _new_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-        return uvloop.new_event_loop()
-    except ImportError:
-        return asyncio.new_event_loop()
-
-
-class Done(Exception):
-    """This connection is over: the client went away, or we closed it on purpose."""
 
 
 class ApiError(Exception):
@@ -425,7 +409,7 @@ class Stats:
                 "concurrency": self.concurrency}
 
 
-class FakeCartesia:
+class FakeCartesia(Server):
     def __init__(self, api_key: str, concurrency: int = 0, chars_per_second: float = 15.0,
                  rtf: float = 0.1, wav_sizes: str = "exact", ssl: _ssl.SSLContext | None = None):
         if not api_key:
@@ -438,33 +422,11 @@ class FakeCartesia:
             raise ValueError("wav_sizes must be exact or unknown")
         if concurrency < 0:
             raise ValueError("concurrency must be >= 0 (0: no limit)")
+        super().__init__()  # start(host, port), stop(), .port, .server
         self.api_key, self.chars_per_second, self.rtf = api_key, chars_per_second, rtf
         self.wav_sizes, self.ssl = wav_sizes, ssl
         self.stats = Stats(concurrency)
         self.requests: list[dict] = []
-        self.port = 0
-        self.server: asyncio.Server | None = None
-        self._conns: set[_Conn] = set()
-
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> asyncio.Server:
-        self.server = await asyncio.start_server(self._on_connect, host, port, backlog=1024,
-                                                 ssl=self.ssl,
-                                                 ssl_handshake_timeout=10 if self.ssl else None)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self.server
-
-    async def stop(self):
-        if self.server is None:
-            return
-        self.server.close()
-        for c in list(self._conns):
-            c.writer.transport.abort()
-        tasks = [c.task for c in self._conns]
-        if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=2)
-            for t in pending:
-                t.cancel()
-        await self.server.wait_closed()
 
     def reset(self):
         self.requests.clear()
@@ -480,51 +442,24 @@ class FakeCartesia:
             return {self.scrub(k): self.scrub(v) for k, v in obj.items()}
         return obj
 
-    async def _on_connect(self, reader, writer):
-        c = _Conn(self, reader, writer)
-        self._conns.add(c)
-        try:
-            await c.run()
-        except (Done, OSError):  # resets, broken pipes, TLS errors: the client went away
-            pass
-        except asyncio.CancelledError:
-            pass  # only stop() cancels us
-        except Exception:
-            traceback.print_exc()  # a bug in this server: make it loud
-        finally:
-            c.release()
-            self._conns.discard(c)
-            if not writer.transport.is_closing():
-                writer.transport.abort()
+    def new_conn(self, reader, writer) -> _Conn:
+        return _Conn(self, reader, writer)
+
+    def conn_ended(self, c: _Conn):
+        c.release()
 
 
-class _Conn:
+class _Conn(Conn):
     def __init__(self, fake: FakeCartesia, reader, writer):
-        self.fake, self.stats, self.reader, self.writer = fake, fake.stats, reader, writer
-        self.task = asyncio.current_task()
-        self.h = h11.Connection(h11.SERVER)
-        self.method, self.no_body, self.slot = b"GET", False, False
+        super().__init__(reader, writer)
+        self.fake, self.stats = fake, fake.stats
+        self.slot = False
         self.entry: dict | None = None
 
-    async def run(self):
-        try:
-            for _ in range(MAX_REQUESTS_PER_CONN):
-                req = await self.next_event()
-                if type(req) is h11.ConnectionClosed:
-                    return
-                await self.dispatch(req)
-                if self.h.our_state is not h11.DONE:
-                    break
-                while self.h.their_state is h11.SEND_BODY:  # skip a body left unread
-                    await self.next_event()
-                if self.h.their_state is not h11.DONE:
-                    break
-                self.h.start_next_cycle()
-        except h11.RemoteProtocolError as e:
-            if self.h.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                self.method = b"GET"
-                await self.respond(e.error_status_hint, f"bad request: {e}\n".encode(), "text/plain")
-        await self.close_gracefully()
+    async def next_cycle(self) -> bool:
+        if self.h.our_state is not h11.DONE:
+            return False  # closing anyway: a body left unread is not read first
+        return await super().next_cycle()
 
     # -- routing
 
@@ -636,7 +571,7 @@ class _Conn:
         for seconds, piece in audio_pieces(tts, nsamples, fake.wav_sizes):
             delay = start + fake.rtf * seconds - loop.time()
             if delay > 0:
-                await self.wait_or_gone(delay)
+                await self.wait_or_gone(min(delay, WAIT_MAX))
             if sse:
                 data = b'data: ' + orjson.dumps({"type": "chunk", "data": base64.b64encode(piece).decode(),
                                                  "done": False, "status_code": 206}) + b"\n\n"
@@ -660,96 +595,26 @@ class _Conn:
             self.stats.in_flight -= 1
         self.entry = None
 
-    # -- HTTP plumbing (as in backends/echo.py)
-
-    async def next_event(self):
-        for _ in range(MAX_READS_PER_EVENT):
-            ev = self.h.next_event()
-            if ev is not h11.NEED_DATA:
-                return ev
-            self.h.receive_data(await self.reader.read(READ_SIZE))
-        raise h11.RemoteProtocolError("too many reads for one event", error_status_hint=400)
-
-    async def continue_100(self):
-        if self.h.they_are_waiting_for_100_continue:
-            await self.send(h11.InformationalResponse(status_code=100, headers=[]))
+    # -- HTTP plumbing (the rest is plumbing.Conn's)
 
     async def read_body(self, limit: int) -> bytes | None:
         """The whole request body, or None (after draining it) when it outgrows limit."""
-        await self.continue_100()
         parts, n = [], 0
-        while self.h.their_state is h11.SEND_BODY:
-            ev = await self.next_event()
-            if type(ev) is h11.Data:
-                n += len(ev.data)
-                if n <= limit:
-                    parts.append(bytes(ev.data))
+        while (data := await self.body_data()) is not None:
+            n += len(data)
+            if n <= limit:
+                parts.append(bytes(data))
         return b"".join(parts) if n <= limit else None
 
     async def drain_body(self):
-        await self.continue_100()
-        while self.h.their_state is h11.SEND_BODY:
-            await self.next_event()
+        while await self.body_data() is not None:
+            pass
 
-    def head(self, status, headers) -> h11.Response:
-        self.no_body = self.method == b"HEAD" or status in (204, 304)
-        try:
-            reason = HTTPStatus(status).phrase.encode()
-        except ValueError:
-            reason = b""
-        return h11.Response(status_code=status, reason=reason, headers=headers)
-
-    async def respond(self, status, body: bytes, ctype):
+    async def respond(self, status, body: bytes, ctype="text/plain", headers=()):
         if self.entry is not None:
             self.entry["status"] = status
             self.count_status(status)
-        await self.send(self.head(status, [("content-type", ctype),
-                                           ("content-length", str(len(body)))]),
-                        h11.Data(data=body), h11.EndOfMessage())
-
-    async def respond_json(self, status, obj):
-        await self.respond(status, orjson.dumps(obj), "application/json")
-
-    async def send(self, *events):
-        if self.writer.is_closing():
-            raise Done
-        out = []
-        for ev in events:
-            if type(ev) is h11.Data and (self.no_body or not ev.data):
-                continue
-            out += self.h.send_with_data_passthrough(ev)
-        self.writer.write(b"".join(out))
-        await self.writer.drain()
-
-    async def wait_or_gone(self, seconds):
-        """Sleep, but keep reading so a client hanging up ends the request at once (Done).
-        Pipelined bytes go to h11, up to 1 MiB; then we just sleep."""
-        loop = asyncio.get_running_loop()
-        deadline, fed = loop.time() + min(seconds, WAIT_MAX), 0
-        while (left := deadline - loop.time()) > 0:
-            if fed > 1 << 20:
-                await asyncio.sleep(left)
-                return
-            try:
-                data = await asyncio.wait_for(self.reader.read(READ_SIZE), left)
-            except TimeoutError:
-                return
-            if not data:
-                raise Done
-            self.h.receive_data(data)
-            fed += len(data)
-
-    async def close_gracefully(self):
-        # Half-close, then read until the client's FIN (TLS cannot half-close: just close).
-        try:
-            if not self.writer.is_closing() and self.writer.can_write_eof():
-                self.writer.write_eof()
-                async with asyncio.timeout(LINGER):
-                    while await self.reader.read(READ_SIZE):
-                        pass
-        except OSError:
-            pass
-        self.writer.close()
+        await super().respond(status, body, ctype, headers)
 
 
 def server_ssl_context(cert_file: str, key_file: str) -> _ssl.SSLContext:
@@ -758,64 +623,16 @@ def server_ssl_context(cert_file: str, key_file: str) -> _ssl.SSLContext:
     return ctx
 
 
-class CartesiaThread:
+class CartesiaThread(ServerThread):
     """Run a FakeCartesia on its own event loop in a daemon thread, for synchronous tests:
     `with CartesiaThread(api_key="k") as c: http.client.HTTPConnection("127.0.0.1", c.port)`.
     Keyword arguments go to FakeCartesia."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, **kwargs):
-        self.fake, self._addr = FakeCartesia(**kwargs), (host, port)
-        self._ready, self._loop, self._error = threading.Event(), None, None
+        super().__init__(host, port, name="fake-cartesia", what="fake Cartesia",
+                         server=FakeCartesia(**kwargs))
 
-    port = property(lambda self: self.fake.port)
-    stats = property(lambda self: self.fake.stats)
-
-    def __enter__(self):
-        self._thread = threading.Thread(target=self._run, name="fake-cartesia", daemon=True)
-        self._thread.start()
-        if not self._ready.wait(10) or self._error:
-            raise RuntimeError(f"fake Cartesia did not start: {self._error!r}")
-        return self
-
-    def __exit__(self, *exc):
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(10)
-
-    def _run(self):
-        async def main():
-            self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
-            try:
-                await self.fake.start(*self._addr)
-            except OSError as e:
-                self._error = e
-                return
-            finally:
-                self._ready.set()
-            await self._stop.wait()
-            await self.fake.stop()
-
-        with asyncio.Runner(loop_factory=_new_loop) as runner:
-            runner.run(main())
-
-
-async def _main(args, api_key):
-    ctx = server_ssl_context(args.tls_cert, args.tls_key) if args.tls_cert else None
-    fake = FakeCartesia(api_key, args.concurrency, args.chars_per_second, args.rtf,
-                        args.wav_sizes, ctx)
-    await fake.start(args.host, args.port)
-    if args.port_file:  # write-then-rename so a reader never sees a partial file
-        tmp = f"{args.port_file}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            f.write(f"{fake.port}\n")
-        os.replace(tmp, args.port_file)
-    print(f"listening on {args.host}:{fake.port}" + (" (https)" if ctx else ""), flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await fake.stop()
+    fake = property(lambda self: self.server)
 
 
 def _positive(kind):
@@ -831,11 +648,7 @@ def _positive(kind):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m backends.cartesia",
-                                description=__doc__.splitlines()[0])
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, required=True, help="0 picks a free port")
-    p.add_argument("--port-file", help="write the bound port here (atomically)")
+    p = cli_parser("cartesia", __doc__)
     keys = p.add_mutually_exclusive_group()
     keys.add_argument("--api-key", help="the key clients must send (visible in ps: prefer --api-key-env)")
     keys.add_argument("--api-key-env", metavar="NAME",
@@ -867,8 +680,10 @@ def main(argv=None):
     if not api_key:
         p.error("the API key must not be empty")
     try:
-        with asyncio.Runner(loop_factory=_new_loop) as runner:
-            runner.run(_main(args, api_key))
+        ctx = server_ssl_context(args.tls_cert, args.tls_key) if args.tls_cert else None
+        serve_until_signal(lambda: FakeCartesia(api_key, args.concurrency, args.chars_per_second,
+                                                args.rtf, args.wav_sizes, ctx),
+                           args, " (https)" if ctx else "")
     except (OSError, _ssl.SSLError, ValueError) as e:
         print(f"fake cartesia: {e}", file=sys.stderr)
         return 1

@@ -39,36 +39,20 @@ RST) ends the request at once.  A client that half-closes its socket counts as g
 """
 from __future__ import annotations
 
-import argparse, asyncio, math, os, signal, socket, struct, sys, threading, traceback
-from http import HTTPStatus
+import argparse, math, sys
 from urllib.parse import parse_qs
 
 import h11
-import orjson
 
-READ_SIZE = 65536
+from .plumbing import READ_SIZE, Conn, Done, Server, ServerThread, cli_parser, serve_until_signal
+
 PATTERN = b"0123456789abcdefghijklmnopqrstuvwxyz\n"  # odd length (37) shows shifted pieces
 HANG_MAX = 3600.0         # even /hang gives up eventually: every wait here is bounded
-LINGER = 2.0              # how long a graceful close waits for the client's FIN
-MAX_REQUESTS_PER_CONN = 10**9
-MAX_READS_PER_EVENT = 100_000  # h11 caps heads at 16 KiB: only a pathological peer gets here
 
 
 def expected_bytes(n: int) -> bytes:
     """The body /bytes?n=N sends (for tests; this one does allocate n bytes)."""
     return (PATTERN * (n // len(PATTERN) + 1))[:n]
-
-
-def _new_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-        return uvloop.new_event_loop()
-    except ImportError:
-        return asyncio.new_event_loop()
-
-
-class Done(Exception):
-    """This connection is over: the client went away, or we closed or aborted it on purpose."""
 
 
 class BadParam(ValueError):
@@ -171,50 +155,18 @@ class Mode:
         return self.status != 0 and path != "/health" and not path.startswith("/_")
 
 
-class EchoBackend:
+class EchoBackend(Server):
     def __init__(self, status: int = 0, health: str = "ready"):
+        super().__init__()  # start(host, port), stop(), .port, .server
         self.stats = Stats()
         self.mode = Mode(status, health)
-        self.port = 0
-        self.server: asyncio.Server | None = None
-        self._conns: set[_Conn] = set()
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> asyncio.Server:
-        self.server = await asyncio.start_server(self._on_connect, host, port, backlog=1024)
-        self.port = self.server.sockets[0].getsockname()[1]
-        return self.server
+    def new_conn(self, reader, writer) -> _Conn:
+        return _Conn(self, reader, writer)
 
-    async def stop(self):
-        if self.server is None:
-            return
-        self.server.close()
-        # Aborting the transports wakes every handler (they all await a read or a drain).
-        for c in list(self._conns):
-            c.writer.transport.abort()
-        tasks = [c.task for c in self._conns]
-        if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=2)
-            for t in pending:
-                t.cancel()
-        await self.server.wait_closed()
-
-    async def _on_connect(self, reader, writer):
-        c = _Conn(self, reader, writer)
-        self._conns.add(c)
-        try:
-            await c.run()
-        except (Done, OSError):  # OSError covers resets, broken pipes and timeouts
-            pass  # the client went away, or we ended the connection on purpose: not an error
-        except asyncio.CancelledError:
-            pass  # only stop() cancels us; returning normally keeps 3.11's stream callback quiet
-        except Exception:
-            traceback.print_exc()  # a bug in this server: make it loud
-        finally:
-            self.stats.request_done(c)
-            self.stats.conn_closed(c)
-            self._conns.discard(c)
-            if not writer.transport.is_closing():
-                writer.transport.abort()
+    def conn_ended(self, c: _Conn):
+        self.stats.request_done(c)
+        self.stats.conn_closed(c)
 
 
 async def serve(host: str = "127.0.0.1", port: int = 0, backend: EchoBackend | None = None):
@@ -222,42 +174,15 @@ async def serve(host: str = "127.0.0.1", port: int = 0, backend: EchoBackend | N
     return await (backend or EchoBackend()).start(host, port)
 
 
-class _Conn:
+class _Conn(Conn):
     def __init__(self, backend: EchoBackend, reader, writer):
-        self.backend, self.stats, self.reader, self.writer = backend, backend.stats, reader, writer
-        self.task = asyncio.current_task()
-        self.h = h11.Connection(h11.SERVER)
+        super().__init__(reader, writer)
+        self.backend, self.stats = backend, backend.stats
         peer = writer.get_extra_info("peername") or ("?", 0)
         self.peer = f"{peer[0]}:{peer[1]}"
-        self.counted = self.served = self.in_flight = self.no_body = False
-        self.epoch, self.method = 0, b"GET"
+        self.counted = self.served = self.in_flight = False
+        self.epoch = 0
         self.stats.count_conn(self)
-
-    async def run(self):
-        try:
-            for _ in range(MAX_REQUESTS_PER_CONN):
-                req = await self.next_event()
-                if type(req) is h11.ConnectionClosed:
-                    return
-                await self.dispatch(req)
-                while self.h.their_state is h11.SEND_BODY:  # skip any body the handler left unread
-                    await self.next_event()
-                if self.h.our_state is not h11.DONE or self.h.their_state is not h11.DONE:
-                    break  # Connection: close, HTTP/1.0, ...
-                self.h.start_next_cycle()
-        except h11.RemoteProtocolError as e:
-            if self.h.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                self.method = b"GET"
-                await self.respond(e.error_status_hint, f"bad request: {e}\n".encode())
-        await self.close_gracefully()
-
-    async def next_event(self):
-        for _ in range(MAX_READS_PER_EVENT):  # each pass reads more; at EOF h11 stops asking
-            ev = self.h.next_event()
-            if ev is not h11.NEED_DATA:
-                return ev
-            self.h.receive_data(await self.reader.read(READ_SIZE))
-        raise h11.RemoteProtocolError("too many reads for one event", error_status_hint=400)
 
     async def dispatch(self, req: h11.Request):
         self.method = req.method
@@ -383,100 +308,16 @@ class _Conn:
         await self.send(self.head(200, [("content-type", "application/octet-stream"), *headers]))
         for off in range(0, n, READ_SIZE):
             await self.send(h11.Data(data=expected_bytes(min(READ_SIZE, n - off))))
-        # An RST throws away whatever is still queued, so first push everything to the kernel
-        # (a zero high-water mark makes drain() wait for an empty buffer) and wait, briefly,
-        # for the peer to acknowledge it.
-        self.writer.transport.set_write_buffer_limits(0)
-        await self.writer.drain()
-        for _ in range(100):
-            if _unacked_bytes(self.writer) == 0:
-                break
-            await asyncio.sleep(0.01)
-        self.rst()
-        raise Done
+        await self.reset()  # pushes out what is queued, then the RST
 
     def head(self, status, headers) -> h11.Response:
-        self.no_body = self.method == b"HEAD" or status in (204, 304)
-        try:
-            reason = HTTPStatus(status).phrase.encode()
-        except ValueError:
-            reason = b""
-        return h11.Response(status_code=status, reason=reason,
-                            headers=[("x-backend-port", str(self.backend.port)), *headers])
-
-    async def respond(self, status, body: bytes, ctype="text/plain"):
-        headers = [] if status in (204, 304) else [("content-type", ctype),
-                                                    ("content-length", str(len(body)))]
-        await self.send(self.head(status, headers), h11.Data(data=body), h11.EndOfMessage())
-
-    async def respond_json(self, status, obj):
-        await self.respond(status, orjson.dumps(obj), "application/json")
-
-    async def send(self, *events):
-        """Write events in one go, then drain: the drain is what keeps memory bounded."""
-        if self.writer.is_closing():
-            raise Done  # writing to a dead transport would only log warnings
-        out = []
-        for ev in events:
-            if type(ev) is h11.Data and (self.no_body or not ev.data):
-                continue
-            out += self.h.send_with_data_passthrough(ev)
-        self.writer.write(b"".join(out))
-        await self.writer.drain()
-
-    async def continue_100(self):
-        if self.h.they_are_waiting_for_100_continue:
-            await self.send(h11.InformationalResponse(status_code=100, headers=[]))
+        return super().head(status, [("x-backend-port", str(self.backend.port)), *headers])
 
     async def read_body(self) -> int:
-        await self.continue_100()
         n = 0
-        while self.h.their_state is h11.SEND_BODY:  # one event per pass, ends at EndOfMessage
-            ev = await self.next_event()
-            if type(ev) is h11.Data:
-                n += len(ev.data)
+        while (data := await self.body_data()) is not None:
+            n += len(data)
         return n
-
-    async def wait_or_gone(self, seconds, keep=True):
-        """Sleep, but keep reading so we notice the client hanging up at once (-> Done).
-        Pipelined bytes are handed to h11 (keep=True) up to 1 MiB, then we stop reading."""
-        loop = asyncio.get_running_loop()
-        deadline, fed = loop.time() + seconds, 0
-        while (left := deadline - loop.time()) > 0:  # each pass reads, times out or raises
-            if fed > 1 << 20:
-                await asyncio.sleep(left)
-                return
-            try:
-                data = await asyncio.wait_for(self.reader.read(READ_SIZE), left)
-            except TimeoutError:
-                return
-            if not data:
-                raise Done
-            if keep:
-                self.h.receive_data(data)
-                fed += len(data)
-
-    def rst(self):
-        transport = self.writer.transport
-        try:  # SO_LINGER (on, 0 s) turns close() into an RST
-            transport.get_extra_info("socket").setsockopt(
-                socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        except (OSError, AttributeError):
-            pass  # already closed: nothing left to reset
-        transport.abort()
-
-    async def close_gracefully(self):
-        # Half-close, then read until the client's FIN: closing a socket that still has unread
-        # input sends an RST, which can destroy a response the client has not read yet.
-        try:
-            if not self.writer.is_closing() and self.writer.can_write_eof():
-                self.writer.write_eof()
-                async with asyncio.timeout(LINGER):
-                    while await self.reader.read(READ_SIZE):  # bounded by LINGER
-                        pass
-        except OSError:  # includes TimeoutError
-            pass
-        self.writer.close()
 
 
 def _num(q, name, default, kind=float, lo=0, hi=HANG_MAX):
@@ -490,70 +331,15 @@ def _num(q, name, default, kind=float, lo=0, hi=HANG_MAX):
     return v
 
 
-def _unacked_bytes(writer) -> int:
-    try:  # Linux TIOCOUTQ/SIOCOUTQ: bytes the peer has not acknowledged yet
-        import fcntl, termios
-        fd = writer.transport.get_extra_info("socket").fileno()
-        return struct.unpack("i", fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0\0\0\0"))[0]
-    except (ImportError, OSError, AttributeError):
-        return 0
-
-
-class BackendThread:
+class BackendThread(ServerThread):
     """Run an EchoBackend on its own event loop in a daemon thread, for synchronous tests:
     `with BackendThread() as b: http.client.HTTPConnection("127.0.0.1", b.port)`."""
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, **mode):
-        self.backend, self._addr = EchoBackend(**mode), (host, port)  # mode: status=, health=
-        self._ready, self._loop, self._error = threading.Event(), None, None
+        super().__init__(host, port, name="echo-backend", what="echo backend",
+                         server=EchoBackend(**mode))  # mode: status=, health=
 
-    port = property(lambda self: self.backend.port)
-    stats = property(lambda self: self.backend.stats)
-
-    def __enter__(self):
-        self._thread = threading.Thread(target=self._run, name="echo-backend", daemon=True)
-        self._thread.start()
-        if not self._ready.wait(10) or self._error:
-            raise RuntimeError(f"echo backend did not start: {self._error!r}")
-        return self
-
-    def __exit__(self, *exc):
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(10)
-
-    def _run(self):
-        async def main():
-            self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
-            try:
-                await self.backend.start(*self._addr)
-            except OSError as e:
-                self._error = e
-                return
-            finally:
-                self._ready.set()
-            await self._stop.wait()
-            await self.backend.stop()
-
-        with asyncio.Runner(loop_factory=_new_loop) as runner:
-            runner.run(main())
-
-
-async def _main(args):
-    backend = EchoBackend(args.status, args.health)
-    await backend.start(args.host, args.port)
-    if args.port_file:  # write-then-rename so a reader never sees a partial file
-        tmp = f"{args.port_file}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            f.write(f"{backend.port}\n")
-        os.replace(tmp, args.port_file)
-    print(f"listening on {args.host}:{backend.port}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await backend.stop()
+    backend = property(lambda self: self.server)
 
 
 def _status_arg(text: str) -> int:
@@ -564,17 +350,13 @@ def _status_arg(text: str) -> int:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m backends.echo", description=__doc__.splitlines()[0])
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, required=True, help="0 picks a free port")
-    p.add_argument("--port-file", help="write the bound port here (atomically)")
+    p = cli_parser("echo", __doc__)
     p.add_argument("--status", type=_status_arg, default=0, metavar="N",
                    help="answer every ordinary request with N (200-599; default 0: off)")
     p.add_argument("--health", choices=tuple(HEALTH), default="ready",
                    help="what /health reports (default ready)")
     args = p.parse_args(argv)
-    with asyncio.Runner(loop_factory=_new_loop) as runner:
-        runner.run(_main(args))
+    serve_until_signal(lambda: EchoBackend(args.status, args.health), args)
 
 
 if __name__ == "__main__":

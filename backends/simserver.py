@@ -1,4 +1,4 @@
-"""The HTTP/1.1 plumbing shared by the simulated GPU TTS servers (asyncio + h11, like echo.py).
+"""The HTTP/1.1 server shared by the simulated GPU TTS servers (on plumbing.py, like echo.py).
 
 A kind (chatterbox.py, openai_tts.py, chattts.py) subclasses SimServer, lists ROUTES
 (method, exact path or compiled regex, handler name) and writes handlers
@@ -27,43 +27,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import signal
-import socket
-import struct
-import threading
-import traceback
 from collections import deque
 from contextlib import asynccontextmanager
-from http import HTTPStatus
 from urllib.parse import parse_qs
 
 import h11
 import orjson
 
+from . import plumbing
 from .gpu import GPU, GPUOptions, OutOfMemory, add_arguments, options_from_args
+from .plumbing import READ_SIZE, Done, ServerThread, cli_parser, serve_until_signal
 
-READ_SIZE = 65536
 KEEPALIVE = 5.0               # uvicorn's timeout_keep_alive
-LINGER = 2.0                  # how long a graceful close waits for the client's FIN
 HANG_MAX = 3600.0             # even a hang gives up eventually: every wait here is bounded
 MAX_BODY = 64 << 20
-MAX_READS_PER_EVENT = 100_000
-MAX_REQUESTS_PER_CONN = 10**9
 PIPELINE_MAX = 1 << 20        # bytes read ahead (and kept) while a request is being served
 RECENT = 64                   # synthesis records kept for /_stats
-
-
-def new_loop() -> asyncio.AbstractEventLoop:
-    try:
-        import uvloop
-        return uvloop.new_event_loop()
-    except ImportError:
-        return asyncio.new_event_loop()
-
-
-class Done(Exception):
-    """This connection is over: the client went away, or we closed or reset it on purpose."""
 
 
 class SynthFailed(Exception):
@@ -220,7 +199,7 @@ class Synthesis:
         await conn.send(h11.EndOfMessage())
 
 
-class SimServer:
+class SimServer(plumbing.Server):
     kind = "sim"
     ROUTES: list = []
     GPU_DEFAULTS: dict = {}
@@ -230,9 +209,8 @@ class SimServer:
         self.gpu = GPU(self.opts)
         self.keepalive = keepalive
         self.stats = Stats()
-        self.host, self.port = "127.0.0.1", 0
-        self.server: asyncio.AbstractServer | None = None
-        self.conns: set[Conn] = set()
+        super().__init__()  # .port, .server
+        self.host = "127.0.0.1"
         self.down = False
         self.loaded_at = 0.0
         self.lock: asyncio.Semaphore | None = None   # a kind that serialises sets this
@@ -243,8 +221,7 @@ class SimServer:
 
     async def start(self, host: str = "127.0.0.1", port: int = 0):
         self.host = host
-        self.server = await asyncio.start_server(self._on_connect, host, port, backlog=1024)
-        self.port = self.server.sockets[0].getsockname()[1]
+        await super().start(host, port)
         self.loaded_at = asyncio.get_running_loop().time() + self.opts.load_time
         return self.server
 
@@ -254,13 +231,7 @@ class SimServer:
             self._restart_task.cancel()
         if self.server is not None:
             self.server.close()
-        for c in list(self.conns):
-            c.writer.transport.abort()
-        tasks = [c.task for c in self.conns]
-        if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=2)
-            for t in pending:
-                t.cancel()
+        await self.end_conns()
         self.gpu.reset()
         if self.server is not None:
             await self.server.wait_closed()
@@ -284,7 +255,7 @@ class SimServer:
         self.server.close()
         self.gpu.reset()
         me = asyncio.current_task()
-        for c in list(self.conns):
+        for c in list(self._conns):
             c.rst()
             if c.task is not me:
                 c.task.cancel()
@@ -294,8 +265,7 @@ class SimServer:
         await asyncio.sleep(self.opts.restart_after)
         while True:
             try:
-                self.server = await asyncio.start_server(self._on_connect, self.host, self.port,
-                                                         backlog=1024)
+                self.server = await self.listen(self.host, self.port)
                 break
             except OSError as e:
                 print(f"restart: cannot listen on {self.host}:{self.port}: {e}; retrying",
@@ -310,22 +280,14 @@ class SimServer:
         if self.down:  # accepted just before the crash closed the port
             writer.transport.abort()
             return
-        c = Conn(self, reader, writer)
-        self.conns.add(c)
-        try:
-            await c.run()
-        except (Done, OSError):
-            pass  # the client went away, or we ended the connection on purpose
-        except asyncio.CancelledError:
-            pass  # a crash or stop(); returning normally keeps 3.11's stream callback quiet
-        except Exception:
-            traceback.print_exc()  # a bug in this server: make it loud
-        finally:
-            self.stats.request_done(c)
-            self.stats.conn_closed(c)
-            self.conns.discard(c)
-            if not writer.transport.is_closing():
-                writer.transport.abort()
+        await super()._on_connect(reader, writer)
+
+    def new_conn(self, reader, writer) -> "Conn":
+        return Conn(self, reader, writer)
+
+    def conn_ended(self, c: "Conn"):
+        self.stats.request_done(c)
+        self.stats.conn_closed(c)
 
     # --- routing ----------------------------------------------------------------------------
 
@@ -443,34 +405,16 @@ class SimServer:
         return cls(opts, keepalive=args.keepalive)
 
 
-class Conn:
+class Conn(plumbing.Conn):
     def __init__(self, server: SimServer, reader, writer):
-        self.server, self.stats, self.reader, self.writer = server, server.stats, reader, writer
-        self.task = asyncio.current_task()
-        self.h = h11.Connection(h11.SERVER, max_incomplete_event_size=64 * 1024)
-        self.counted = self.in_flight = self.no_body = False
-        self.method = "GET"
-
-    async def run(self):
-        try:
-            for _ in range(MAX_REQUESTS_PER_CONN):
-                req = await self.next_request()
-                if req is None or type(req) is h11.ConnectionClosed:
-                    break
-                await self.dispatch(req)
-                while self.h.their_state is h11.SEND_BODY:  # skip a body the handler left
-                    await self.next_event()
-                if self.h.our_state is not h11.DONE or self.h.their_state is not h11.DONE:
-                    break
-                self.h.start_next_cycle()
-        except h11.RemoteProtocolError as e:
-            if self.h.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                self.method = "GET"
-                await self.respond_json(e.error_status_hint, {"detail": f"bad request: {e}"})
-        await self.close_gracefully()
+        super().__init__(reader, writer,
+                         h11.Connection(h11.SERVER, max_incomplete_event_size=64 * 1024))
+        self.server, self.stats = server, server.stats
+        self.counted = self.in_flight = False
 
     async def next_request(self):
-        """The next request head, or None when an idle keep-alive connection times out."""
+        """The next request head, or None (close gracefully) when the client has closed or an
+        idle keep-alive connection times out."""
         ev = self.h.next_event()
         if ev is h11.NEED_DATA:
             try:
@@ -478,20 +422,15 @@ class Conn:
             except TimeoutError:
                 return None
             self.h.receive_data(data)
-            return await self.next_event()
-        return ev
+            ev = await self.next_event()
+        return None if type(ev) is h11.ConnectionClosed else ev
 
-    async def next_event(self):
-        for _ in range(MAX_READS_PER_EVENT):  # each pass reads more; at EOF h11 stops asking
-            ev = self.h.next_event()
-            if ev is not h11.NEED_DATA:
-                return ev
-            self.h.receive_data(await self.reader.read(READ_SIZE))
-        raise h11.RemoteProtocolError("too many reads for one event", error_status_hint=400)
+    async def bad_request(self, e: h11.RemoteProtocolError):
+        await self.respond_json(e.error_status_hint, {"detail": f"bad request: {e}"})
 
     async def dispatch(self, ev: h11.Request):
         req = Request(ev)
-        self.method = req.method
+        self.method = ev.method
         if req.path.startswith("/_"):
             return await self.server.control(self, req)
         self.stats.request_started(self)
@@ -510,18 +449,14 @@ class Conn:
 
     async def read_body(self, limit: int = MAX_BODY, discard: bool = False) -> bytes:
         """The whole request body; over `limit` bytes: 413 (the rest is drained later)."""
-        if self.h.they_are_waiting_for_100_continue:
-            await self.send(h11.InformationalResponse(status_code=100, headers=[]))
         out, n = [], 0
-        while self.h.their_state is h11.SEND_BODY:
-            ev = await self.next_event()
-            if type(ev) is h11.Data:
-                n += len(ev.data)
-                if discard:
-                    continue
-                if n > limit:
-                    raise HTTPError(413, {"detail": f"Request body over {limit} bytes"})
-                out.append(ev.data)
+        while (data := await self.body_data()) is not None:
+            n += len(data)
+            if discard:
+                continue
+            if n > limit:
+                raise HTTPError(413, {"detail": f"Request body over {limit} bytes"})
+            out.append(data)
         return b"".join(out)
 
     async def guard(self, aw):
@@ -566,35 +501,7 @@ class Conn:
     # --- writing --------------------------------------------------------------------------
 
     def head(self, status: int, headers) -> h11.Response:
-        self.no_body = self.method == "HEAD" or status in (204, 304)
-        try:
-            reason = HTTPStatus(status).phrase.encode()
-        except ValueError:
-            reason = b""
-        return h11.Response(status_code=status, reason=reason,
-                            headers=[("x-backend-port", str(self.server.port)), *headers])
-
-    async def send(self, *events):
-        """Write the events in one go, then drain: the drain is what keeps memory bounded."""
-        if self.writer.is_closing():
-            raise Done  # writing to a dead transport would only log warnings
-        out = []
-        for ev in events:
-            if type(ev) is h11.Data and (self.no_body or not ev.data):
-                continue
-            out += self.h.send_with_data_passthrough(ev)
-        self.writer.write(b"".join(out))
-        await self.writer.drain()
-
-    async def respond(self, status: int, body: bytes, ctype: str = "application/json",
-                      headers=()):
-        hs = [] if status in (204, 304) else [("content-type", ctype),
-                                               ("content-length", str(len(body)))]
-        await self.send(self.head(status, [*hs, *headers]), h11.Data(data=body),
-                        h11.EndOfMessage())
-
-    async def respond_json(self, status: int, obj, headers=()):
-        await self.respond(status, orjson.dumps(obj), "application/json", headers)
+        return super().head(status, [("x-backend-port", str(self.server.port)), *headers])
 
     async def start_stream(self, status: int, headers):
         """A chunked answer (no Content-Length): follow with send_data() and end_stream()."""
@@ -606,18 +513,6 @@ class Conn:
     async def end_stream(self):
         await self.send(h11.EndOfMessage())
 
-    async def reset(self):
-        """Cut the answer with an RST.  An RST throws away whatever is still queued, so first
-        push everything to the kernel and wait, briefly, for the peer to acknowledge it."""
-        self.writer.transport.set_write_buffer_limits(0)
-        await self.writer.drain()
-        for _ in range(100):
-            if _unacked_bytes(self.writer) == 0:
-                break
-            await asyncio.sleep(0.01)
-        self.rst()
-        raise Done
-
     async def abort_stream(self):
         """End a started answer early with a plain FIN and no last chunk, as uvicorn does when
         a streaming generator raises: the client sees an incomplete body."""
@@ -625,102 +520,19 @@ class Conn:
         self.writer.close()
         raise Done
 
-    def rst(self):
-        transport = self.writer.transport
-        try:  # SO_LINGER (on, 0 s) turns close() into an RST
-            transport.get_extra_info("socket").setsockopt(
-                socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        except (OSError, AttributeError):
-            pass  # already closed: nothing left to reset
-        transport.abort()
 
-    async def close_gracefully(self):
-        # Half-close, then read until the client's FIN: closing with unread input sends an RST,
-        # which can destroy an answer the client has not read yet.
-        try:
-            if not self.writer.is_closing() and self.writer.can_write_eof():
-                self.writer.write_eof()
-                async with asyncio.timeout(LINGER):
-                    while await self.reader.read(READ_SIZE):  # bounded by LINGER
-                        pass
-        except OSError:  # includes TimeoutError
-            pass
-        self.writer.close()
-
-
-def _unacked_bytes(writer) -> int:
-    try:  # Linux TIOCOUTQ/SIOCOUTQ: bytes the peer has not acknowledged yet
-        import fcntl, termios
-        fd = writer.transport.get_extra_info("socket").fileno()
-        return struct.unpack("i", fcntl.ioctl(fd, termios.TIOCOUTQ, b"\0\0\0\0"))[0]
-    except (ImportError, OSError, AttributeError):
-        return 0
-
-
-class SimThread:
+class SimThread(ServerThread):
     """Run a simulated server on its own event loop in a daemon thread, for synchronous tests:
-    `with SimThread(ChatterboxServer, gpu=GPUOptions(load_time=0)) as t: t.port`."""
+    `with SimThread(ChatterboxServer, gpu=GPUOptions(load_time=0)) as t: t.port`.
+    The server is built on that loop: cls(**kwargs)."""
 
     def __init__(self, cls, host: str = "127.0.0.1", port: int = 0, **kwargs):
-        self._cls, self._kwargs, self._addr = cls, kwargs, (host, port)
-        self.server: SimServer | None = None
-        self._ready, self._loop, self._error = threading.Event(), None, None
-
-    port = property(lambda self: self.server.port)
-
-    def __enter__(self):
-        self._thread = threading.Thread(target=self._run, name=f"sim-{self._cls.kind}",
-                                        daemon=True)
-        self._thread.start()
-        if not self._ready.wait(10) or self._error:
-            raise RuntimeError(f"simulated server did not start: {self._error!r}")
-        return self
-
-    def __exit__(self, *exc):
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(10)
-
-    def _run(self):
-        async def main():
-            self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
-            try:
-                self.server = self._cls(**self._kwargs)
-                await self.server.start(*self._addr)
-            except Exception as e:
-                self._error = e
-                return
-            finally:
-                self._ready.set()
-            await self._stop.wait()
-            await self.server.stop()
-
-        with asyncio.Runner(loop_factory=new_loop) as runner:
-            runner.run(main())
-
-
-async def _serve(server: SimServer, args):
-    await server.start(args.host, args.port)
-    if args.port_file:  # write-then-rename so a reader never sees a partial file
-        tmp = f"{args.port_file}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            f.write(f"{server.port}\n")
-        os.replace(tmp, args.port_file)
-    print(f"listening on {args.host}:{server.port}", flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await server.stop()
+        super().__init__(host, port, name=f"sim-{cls.kind}", what="simulated server",
+                         make=lambda: cls(**kwargs))
 
 
 def run_main(cls, module: str, doc: str, argv=None):
-    p = argparse.ArgumentParser(prog=f"python -m backends.{module}",
-                                description=doc.strip().splitlines()[0])
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, required=True, help="0 picks a free port")
-    p.add_argument("--port-file", help="write the bound port here (atomically)")
+    p = cli_parser(module, doc)
     p.add_argument("--keepalive", type=float, default=KEEPALIVE, metavar="S",
                    help=f"close idle keep-alive connections after S seconds (default {KEEPALIVE:g}, "
                         f"uvicorn's)")
@@ -731,6 +543,5 @@ def run_main(cls, module: str, doc: str, argv=None):
         server = cls.from_args(options_from_args(args), args)
     except ValueError as e:
         p.error(str(e))
-    with asyncio.Runner(loop_factory=new_loop) as runner:
-        runner.run(_serve(server, args))
+    serve_until_signal(lambda: server, args)
     return 0

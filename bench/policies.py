@@ -1,12 +1,17 @@
 """How each policy spreads calls: requests and peak in-flight per backend.
 
-    python -m bench.policies [--backends 5] [--limit 4] [--clients 20]
-                             [--requests 10] [--delay 0.2,0.6] [--json]
+    python -m bench.policies [--server echo|chatterbox] [--slots 4] [--backends 5]
+                             [--limit 4] [--clients 20] [--requests 10]
+                             [--delay 0.2,0.6] [--json]
 
-Starts simulated backends (`python -m backends.echo`) and, for each policy,
-a balancer in front of them with `max_concurrency = --limit`; then `--clients`
-callers each make `--requests` calls in a row to `/slow?delay=D`, D drawn
-from the `--delay` range (a TTS call's GPU time varies with the sentence).
+Starts simulated backends and, for each policy, a balancer in front of them
+with `max_concurrency = --limit`; then `--clients` callers each make
+`--requests` calls in a row, each worth D seconds of GPU time, D drawn from
+the `--delay` range (a TTS call's GPU time varies with the sentence):
+`/slow?delay=D` on `backends.echo`, which never slows down, or a
+`/synthesize-json` whose text takes D seconds on `backends.chatterbox`'s GPU
+model, which serves `--slots` calls at full speed and slows everyone down
+past that.
 It prints, per policy, the requests each backend got and the peak number it
 held at once -- as the balancer counted it and as the backend itself saw
 it -- plus call latency.  A last row, "random, no limit", is what apps do
@@ -31,6 +36,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICIES = ("least_conn", "p2c", "round_robin", "random")
+SIM_RTF = 0.2                 # backends.chatterbox: GPU seconds per second of audio
+SIM_CHARS_PER_SECOND = 15.0   # and seconds of audio per character
 
 
 def _start(args: list[str]) -> tuple[subprocess.Popen, int]:
@@ -52,6 +59,16 @@ def _get(port: int, path: str) -> tuple[int, bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     try:
         conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, resp.read()
+    finally:
+        conn.close()
+
+
+def _post(port: int, path: str, body: bytes) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
         resp = conn.getresponse()
         return resp.status, resp.read()
     finally:
@@ -82,7 +99,13 @@ def run_policy(ports: list[int], policy: str, limit: int, args) -> dict:
         rng = random.Random(seed)
         for _ in range(args.requests):
             started = time.monotonic()
-            status, _ = _get(lb_port, f"/slow?delay={rng.uniform(low, high):.3f}")
+            seconds = rng.uniform(low, high)
+            if args.server == "echo":
+                status, _ = _get(lb_port, f"/slow?delay={seconds:.3f}")
+            else:   # text long enough for `seconds` of GPU time at the simulator's pace
+                chars = max(1, round(seconds / SIM_RTF * SIM_CHARS_PER_SECOND))
+                status, _ = _post(lb_port, "/synthesize-json",
+                                  json.dumps({"text": "a" * chars}).encode())
             with lock:
                 latencies.append(time.monotonic() - started)
                 statuses.append(status)
@@ -115,6 +138,9 @@ def run_policy(ports: list[int], policy: str, limit: int, args) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--server", choices=("echo", "chatterbox"), default="echo")
+    parser.add_argument("--slots", type=int, default=4,
+                        help="chatterbox: calls one simulated GPU serves at full speed")
     parser.add_argument("--backends", type=int, default=5)
     parser.add_argument("--limit", type=int, default=4)
     parser.add_argument("--clients", type=int, default=20)
@@ -123,7 +149,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     args.delay = tuple(float(x) for x in args.delay.split(","))
-    backends = [_start(["-m", "backends.echo", "--port", "0"]) for _ in range(args.backends)]
+    server = (["-m", "backends.echo"] if args.server == "echo" else
+              ["-m", "backends.chatterbox", "--slots", str(args.slots), "--load-time", "0",
+               "--rtf", str(SIM_RTF), "--chars-per-second", str(SIM_CHARS_PER_SECOND)])
+    backends = [_start([*server, "--port", "0"]) for _ in range(args.backends)]
     ports = [port for _, port in backends]
     rows = []
     try:
@@ -137,8 +166,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         print(json.dumps(rows, indent=2))
         return
-    print(f"{args.clients} concurrent callers x {args.requests} calls, {args.backends} backends "
-          f"of limit {args.limit}, GPU time {args.delay[0]:g}-{args.delay[1]:g} s")
+    gpu = f" ({args.slots} full-speed slots each)" if args.server == "chatterbox" else ""
+    print(f"{args.clients} concurrent callers x {args.requests} calls, {args.backends} "
+          f"{args.server} backends{gpu} of limit {args.limit}, GPU time "
+          f"{args.delay[0]:g}-{args.delay[1]:g} s")
     print(f"{'policy':<20} {'requests per backend':<24} {'peak (lb)':<16} "
           f"{'peak (backend)':<16} {'queued':>6} {'ok':>8} {'p50 ms':>8} {'p99 ms':>8}")
     for r in rows:

@@ -14,7 +14,7 @@ import math
 import re
 import tomllib
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 from urllib.parse import urlsplit
 
 DEFAULT_PATH = "conf/lb.toml"
@@ -517,23 +517,29 @@ BACKEND_KEYS: dict[str, Callable[[Any], Any]] = {
 }
 
 
-def _backends(entries: Any, max_concurrency: int) -> tuple[BackendConfig, ...]:
-    if entries is None:
-        raise ConfigError("backend", "no backends configured (add at least one [[backend]] table)")
+def _array_of_tables(entries: Any, section: str,
+                     known: tuple[str, ...]) -> Iterator[tuple[str, dict]]:
+    """(`section[i]`, table) for each [[section]] table, after checking the shape."""
     if not isinstance(entries, list):
-        raise ConfigError("backend", "must be an array of tables ([[backend]])")
-    if not entries:
-        raise ConfigError("backend", "no backends configured (add at least one [[backend]] table)")
-    seen: set[str] = set()
-    out = []
+        raise ConfigError(section, f"must be an array of tables ([[{section}]])")
     for i, entry in enumerate(entries):
-        where = f"backend[{i}]"
+        where = f"{section}[{i}]"
         if not isinstance(entry, dict):
-            raise ConfigError(where, "must be a table ([[backend]])")
-        known = ("name", "url", *BACKEND_KEYS)
+            raise ConfigError(where, f"must be a table ([[{section}]])")
         unknown = sorted(set(entry) - set(known))
         if unknown:
             raise ConfigError(f"{where}.{unknown[0]}", f"unknown key (known: {', '.join(known)})")
+        yield where, entry
+
+
+def _backends(entries: Any, max_concurrency: int) -> tuple[BackendConfig, ...]:
+    if entries is None:
+        raise ConfigError("backend", "no backends configured (add at least one [[backend]] table)")
+    if isinstance(entries, list) and not entries:
+        raise ConfigError("backend", "no backends configured (add at least one [[backend]] table)")
+    seen: set[str] = set()
+    out = []
+    for where, entry in _array_of_tables(entries, "backend", ("name", "url", *BACKEND_KEYS)):
         extra = {"max_concurrency": max_concurrency}
         for key, check in BACKEND_KEYS.items():
             if key in entry:
@@ -557,17 +563,9 @@ def _backends(entries: Any, max_concurrency: int) -> tuple[BackendConfig, ...]:
 def _routes(entries: Any) -> tuple[Route, ...]:
     """[[route]] path = "/synthesize-json", kind = "chatterbox": which calls are TTS
     calls of which kind (those are the ones that can fall back to Cartesia)."""
-    if not isinstance(entries, list):
-        raise ConfigError("route", "must be an array of tables ([[route]])")
     seen: set[str] = set()
     out = []
-    for i, entry in enumerate(entries):
-        where = f"route[{i}]"
-        if not isinstance(entry, dict):
-            raise ConfigError(where, "must be a table ([[route]])")
-        unknown = sorted(set(entry) - {"path", "kind"})
-        if unknown:
-            raise ConfigError(f"{where}.{unknown[0]}", "unknown key (known: path, kind)")
+    for where, entry in _array_of_tables(entries, "route", ("path", "kind")):
         path = entry.get("path")
         if not isinstance(path, str) or not re.fullmatch(r"/[\x21-\x22\x24-\x3e\x40-\x7e]*",
                                                          path):

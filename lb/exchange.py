@@ -16,6 +16,9 @@ One `Deadline` watches the whole exchange; what it means depends on the phase:
     WAITING    request sent, no response yet -> `timeouts.first_byte`
     RECEIVING  response body streaming       -> `timeouts.idle` of silence
     BACKOFF    between two attempts          -> the jittered back-off
+    FALLBACK   handed to Cartesia            -> `timeouts.idle` while the body
+                                                still comes, then the fallback's
+                                                own `fallback.cartesia.timeout`
 
 (connecting is bounded by `timeouts.connect` in the pool).
 
@@ -24,7 +27,10 @@ attempt is retried on another backend when the failure is one worth retrying
 (retry.RETRYABLE_KINDS, or a status in `retry.statuses`), attempts remain,
 the retry budget allows and the request body was kept whole (up to
 `retry.replay_max_bytes`); otherwise it becomes a JSON error answer
-(502/503/504) or, for a status, the backend's own answer.  After the commit
+(502/503/504) or, for a status, the backend's own answer -- unless the
+call is a TTS call (a configured route) and the Cartesia fallback takes it:
+when no backend is in the rotation, when every attempt failed or a 5xx is
+left, or, with `spillover`, when the fleet stayed full.  After the commit
 point, the client connection is closed without ending the body, so a
 cut-short response never looks whole.
 """
