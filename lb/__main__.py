@@ -9,12 +9,19 @@ import signal
 import sys
 
 from . import __version__
-from .config import DEFAULT_PATH, Config, ConfigError, load
+from .config import DEFAULT_PATH, Config, ConfigError, load, worker_count
 from .fdlimit import FdLimit, raise_nofile
 
 log = logging.getLogger("lb")
 
 SMALL_CAP = 100  # below this many client connections, the fd budget deserves a warning
+
+
+def _worker_count(text: str) -> int:
+    try:
+        return worker_count(text if text == "auto" else int(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--demo", action="store_true",
                         help="also start simulated backends at the configured local URLs "
                              "(no GPU servers needed)")
+    parser.add_argument("--workers", type=_worker_count, default=0, metavar="N|auto",
+                        help="worker processes, each with its own SO_REUSEPORT socket "
+                             "(default: listen.workers)")
     parser.add_argument("--version", action="version", version=f"tts-lb {__version__}")
     args = parser.parse_args(argv)
 
@@ -44,24 +54,32 @@ def main(argv: list[str] | None = None) -> int:
     fd = raise_nofile(config.limits.nofile)
     log.info("RLIMIT_NOFILE: asked %d, hard limit %d, was %d, granted %d%s", fd.asked, fd.hard,
              fd.soft_before, fd.granted, f" (raise failed: {fd.error})" if fd.error else "")
+    workers = args.workers or config.listen.workers
     try:
         if args.demo:
             from .demo import demo_fleet
             with demo_fleet(config):
-                return _run(config, fd)
-        return _run(config, fd)
+                return _start(config, fd, args.config, workers)
+        return _start(config, fd, args.config, workers)
     except KeyboardInterrupt:
         return 0
 
 
-def _run(config: Config, fd: FdLimit) -> int:
+def _start(config: Config, fd: FdLimit, config_path: str, workers: int) -> int:
+    if workers <= 1:
+        return _run(config, fd, config_path)
+    from .supervisor import supervise
+    return supervise(config, workers, lambda cfg: _run(cfg, fd, config_path, reuse_port=True))
+
+
+def _run(config: Config, fd: FdLimit, config_path: str, reuse_port: bool = False) -> int:
     import uvloop  # imported late so --check works without the event loop
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(_serve(config, fd))
+        return runner.run(_serve(config, fd, config_path, reuse_port))
 
 
-async def _serve(config: Config, fd: FdLimit) -> int:
+async def _serve(config: Config, fd: FdLimit, config_path: str, reuse_port: bool) -> int:
     from .balancer import Balancer
 
     loop = asyncio.get_running_loop()
@@ -76,18 +94,59 @@ async def _serve(config: Config, fd: FdLimit) -> int:
                     "RLIMIT_NOFILE (LimitNOFILE= in systemd) or lower pool.max_idle",
                     balancer.max_connections, fd.granted)
     try:
-        balancer.start()
+        balancer.start(reuse_port=reuse_port)
     except OSError as exc:
         log.error("cannot listen on %s:%d: %s", config.listen.host, config.listen.port,
                   exc.strerror or exc)
         return 1
     stop = asyncio.Event()
+    signals = {"count": 0}
+
+    def on_stop() -> None:
+        # The first SIGTERM/SIGINT drains; a second one stops at once.
+        signals["count"] += 1
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_stop)
+    loop.add_signal_handler(signal.SIGHUP, lambda: _reload(balancer, config_path))
     await stop.wait()
+    await _drain(balancer, signals)
     log.info("stopping")
     balancer.stop()
     return 0
+
+
+def _reload(balancer, config_path: str) -> None:
+    """SIGHUP: apply the file as it is now, or keep the old configuration."""
+    try:
+        new = load(config_path)
+    except ConfigError as exc:
+        log.error("reload rejected, still running the previous configuration: %s", exc)
+        return
+    balancer.reload(new)
+
+
+async def _drain(balancer, signals: dict) -> None:
+    """Stop accepting, let what is under way finish (streams included), for
+    at most listen.drain_timeout."""
+    timeout = balancer.config.listen.drain_timeout
+    balancer.drain()
+    log.info("draining: %d request(s) under way, %d connection(s) open; up to %gs",
+             balancer.in_flight, len(balancer.connections), timeout)
+    deadline = asyncio.get_running_loop().time() + timeout
+    loop = asyncio.get_running_loop()
+    while balancer.in_flight or balancer.connections:
+        if signals["count"] > 1:
+            log.warning("second signal: stopping now with %d request(s) under way",
+                        balancer.in_flight)
+            return
+        if loop.time() >= deadline:
+            log.warning("drain timeout (listen.drain_timeout %gs): cutting %d request(s)",
+                        timeout, balancer.in_flight)
+            return
+        await asyncio.sleep(0.05)
+    log.info("drained")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,19 @@ class Backend:
         self.bytes_sent = 0         # request bodies forwarded to the backend
         self.bytes_received = 0     # response bodies received from it
 
+    def reconfigure(self, cfg: BackendConfig, *, passive: Passive, active: Active,
+                    slow_start: float) -> None:
+        """A reload kept this backend (same name and URL): new limit, weight,
+        probe path and health settings; its state and counters stay."""
+        self.max_concurrency = cfg.max_concurrency
+        self.weight = cfg.weight
+        self.health_path = cfg.health_path
+        self.health.passive = passive
+        self.health.active = active
+        self.health.slow_start = slow_start
+        if not cfg.health_path:
+            self.health.probe_up = None   # no probes now: no verdict holds it out
+
     def record_response(self, status: int) -> None:
         self.responses[f"{min(status // 100, 5)}xx"] += 1
 

@@ -22,7 +22,7 @@ from .cartesia import CartesiaClient
 from .expiring import ExpiringMap
 from .fallback import Fallback
 from .client import ClientConnection
-from .config import Config
+from .config import BackendConfig, Config
 from .fdlimit import FdLimit, connection_cap
 from .listener import Listener, open_socket, somaxconn
 from . import policy as policies
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("lb")
 
+WORKER_ENV = "TTS_LB_WORKER"   # set by the supervisor: this worker's number, from 1
 BACKLOG = 65535          # the kernel caps it at net.core.somaxconn
 AUDIO_TTL = 3600.0       # two-step audio files live an hour on Chatterbox servers
 AFFINITY_ITEMS = 100_000 # audio_url -> backend entries
@@ -52,17 +53,11 @@ class Balancer:
         self.loop = loop
         self.fd = fd
         limits = config.limits
-        self.backends = [
-            Backend(b, UpstreamPool(
-                loop, b.host, b.port, max_idle=config.pool.max_idle,
-                idle_timeout=config.pool.idle_timeout, connect_timeout=config.timeouts.connect,
-                make_connection=lambda pool: UpstreamConnection(
-                    pool, loop, max_header_bytes=limits.max_header_bytes,
-                    write_buffer_high=limits.write_buffer_high)),
-                passive=config.passive, active=config.active,
-                slow_start=config.balancer.slow_start)
-            for b in config.backends]
+        self.backends = [self._make_backend(b) for b in config.backends]
         self.by_name = {b.name: b for b in self.backends}
+        self.connections: set[ClientConnection] = set()
+        self.draining = False
+        self.worker = int(os.environ.get(WORKER_ENV, "0"))   # 0: the only process
         self.policy = policies.make(config.balancer.policy)
         self.scheduler = Scheduler(self.backends, self.policy,
                                    queue_limit=config.balancer.queue_limit,
@@ -79,7 +74,7 @@ class Balancer:
                          if cartesia.enabled else None)
         self.fallbacks: Counter[str] = Counter()
         self._wakeup: asyncio.TimerHandle | None = None
-        self._probers: list[Prober] = []
+        self._probers: dict[str, Prober] = {}
         self.max_connections, self.cap_note = connection_cap(
             fd.granted, config.pool.max_idle * len(self.backends), limits.max_connections)
         self.requests_total = 0
@@ -92,19 +87,20 @@ class Balancer:
 
     # --- life cycle
 
-    def start(self) -> None:
+    def start(self, reuse_port: bool = False) -> None:
         listen = self.config.listen
-        sock = open_socket(listen.host, listen.port, BACKLOG)
+        sock = open_socket(listen.host, listen.port, BACKLOG, reuse_port)
         self.address = sock.getsockname()[:2]
         self.listener = Listener(self.loop, sock, lambda: ClientConnection(self),
                                  self.max_connections)
         self.listener.start()
         self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
-        self._probers = [Prober(b, self.scheduler, self.config.active, self.loop)
-                         for b in self.backends if b.health_path]
+        for backend in self.backends:
+            self._start_prober(backend)
         host, port = self.address
         shown = f"[{host}]" if ":" in host else host
-        log.info("listening on %s:%d, %d backend(s): %s; policy %s", shown, port,
+        log.info("%slistening on %s:%d, %d backend(s): %s; policy %s",
+                 f"worker {self.worker}: " if self.worker else "", shown, port,
                  len(self.backends),
                  ", ".join(f"{b.name}={b.url} (limit {b.max_concurrency})"
                            for b in self.backends), self.policy.name)
@@ -127,10 +123,101 @@ class Balancer:
             self._sweeper.cancel()
         if self._wakeup is not None:
             self._wakeup.cancel()
-        for prober in self._probers:
+        for prober in self._probers.values():
             prober.stop()
         for backend in self.backends:
             backend.pool.close_all()
+        for conn in list(self.connections):
+            conn.close()
+
+    def _make_backend(self, cfg: BackendConfig) -> Backend:
+        config, loop = self.config, self.loop
+        limits = config.limits
+        return Backend(cfg, UpstreamPool(
+            loop, cfg.host, cfg.port, max_idle=config.pool.max_idle,
+            idle_timeout=config.pool.idle_timeout, connect_timeout=config.timeouts.connect,
+            make_connection=lambda pool: UpstreamConnection(
+                pool, loop, max_header_bytes=limits.max_header_bytes,
+                write_buffer_high=limits.write_buffer_high)),
+            passive=config.passive, active=config.active, slow_start=config.balancer.slow_start)
+
+    def _start_prober(self, backend: Backend) -> None:
+        if backend.health_path:
+            self._probers[backend.name] = Prober(backend, self.scheduler, self.config.active,
+                                                 self.loop)
+
+    # --- SIGTERM: finish what is under way, take nothing new
+
+    def drain(self) -> None:
+        """Stop accepting; close idle connections; the others close after their
+        current response (which says Connection: close)."""
+        self.draining = True
+        if self.listener is not None:
+            self.listener.close()
+        for conn in list(self.connections):
+            conn.drain()
+
+    @property
+    def in_flight(self) -> int:
+        """Proxied requests under way: queued, at a backend, or with Cartesia."""
+        return self.retry.active
+
+    # --- SIGHUP: a new configuration, without dropping anything under way
+
+    def reload(self, new: Config) -> None:
+        old = self.config
+        for what, before, after in (("listen.address", (old.listen.host, old.listen.port),
+                                     (new.listen.host, new.listen.port)),
+                                    ("listen.workers", old.listen.workers, new.listen.workers),
+                                    ("limits", old.limits, new.limits)):
+            if before != after:
+                log.warning("reload: %s changed, which takes effect only after a restart", what)
+        self.config = new
+        self._access = new.log.access
+        logging.getLogger().setLevel(new.log.level.upper())
+        # Backends: same name and URL -> kept, with its state, and the new
+        # limit, weight and probe; otherwise removed (drained: what it holds
+        # finishes, nothing new goes there) and/or added.
+        kept, added, removed = [], [], []
+        wanted = {b.name: b for b in new.backends}
+        for backend in self.backends:
+            cfg = wanted.get(backend.name)
+            if cfg is not None and cfg.url == backend.url:
+                backend.reconfigure(cfg, passive=new.passive, active=new.active,
+                                    slow_start=new.balancer.slow_start)
+                kept.append(backend)
+            else:
+                removed.append(backend)
+        known = {b.name for b in kept}
+        for cfg in new.backends:
+            if cfg.name not in known:
+                added.append(self._make_backend(cfg))
+        for backend in removed:
+            self.scheduler.set_admin(backend, "drain")
+            backend.pool.close_all()
+        for prober in self._probers.values():
+            prober.stop()
+        self._probers = {}
+        current = {b.name: b for b in kept + added}
+        self.backends = [current[name] for name in wanted]   # in the new file's order
+        self.by_name = {b.name: b for b in self.backends}
+        if old.balancer.policy != new.balancer.policy:
+            self.policy = policies.make(new.balancer.policy)
+        self.scheduler.reconfigure(self.backends, self.policy,
+                                   queue_limit=new.balancer.queue_limit, passive=new.passive)
+        self.retry.cfg = new.retry
+        self.routes = {r.path.encode("ascii"): r.kind for r in new.routes}
+        if old.cartesia != new.cartesia:
+            # Calls already with Cartesia keep the client they started with.
+            self.fallback = (Fallback(new.cartesia, CartesiaClient(new.cartesia), self.audio)
+                             if new.cartesia.enabled else None)
+        for backend in self.backends:
+            self._start_prober(backend)
+        log.info("reloaded: %d backend(s)%s%s; policy %s", len(self.backends),
+                 f", added {', '.join(b.name for b in added)}" if added else "",
+                 f", removed {', '.join(b.name for b in removed)} (draining)" if removed else "",
+                 self.policy.name)
+        self.scheduler.dispatch()
 
     def _sweep(self) -> None:
         now = self.loop.time()
@@ -178,7 +265,11 @@ class Balancer:
 
     # --- called by client connections
 
-    def connection_closed(self) -> None:
+    def connection_opened(self, conn: ClientConnection) -> None:
+        self.connections.add(conn)
+
+    def connection_closed(self, conn: ClientConnection) -> None:
+        self.connections.discard(conn)
         self.listener.connection_closed()
 
     def local_request(self, client: ClientConnection, request: h11.Request, request_id: str,
@@ -239,6 +330,8 @@ class Balancer:
         now = time.monotonic()
         return {
             "pid": os.getpid(),
+            "worker": self.worker,
+            "draining": self.draining,
             "uptime_s": round(time.time() - self.started, 3),
             "policy": self.policy.name,
             "connections": {

@@ -114,6 +114,7 @@ class ClientConnection(CoalescedWrites, asyncio.Protocol):
         if peer:
             self.peer_ip = peer[0]
         self._deadline.set(self._timeouts.client_header)
+        self.balancer.connection_opened(self)
 
     def data_received(self, data: bytes) -> None:
         if self._closed or self.h11.their_state is _MUST_CLOSE:
@@ -150,7 +151,7 @@ class ClientConnection(CoalescedWrites, asyncio.Protocol):
         exchange, self.exchange = self.exchange, None
         if exchange is not None:
             exchange.client_lost()
-        self.balancer.connection_closed()
+        self.balancer.connection_closed(self)
 
     def pause_writing(self) -> None:
         self.write_paused = True
@@ -265,9 +266,10 @@ class ClientConnection(CoalescedWrites, asyncio.Protocol):
         # Complete: DONE, MUST_CLOSE (HTTP/1.0 or Connection: close), or
         # MIGHT_SWITCH_PROTOCOL (it offered an Upgrade, which this non-101
         # answer declines; h11 then counts it as DONE).
-        if self.h11.their_state not in _REQUEST_COMPLETE:
-            # The request body is still coming and nobody will read it:
-            # this connection cannot carry another request.
+        if self.h11.their_state not in _REQUEST_COMPLETE or self.balancer.draining:
+            # The request body is still coming and nobody will read it, or
+            # the balancer is shutting down: this connection cannot carry
+            # another request.
             headers.append((b"connection", b"close"))
         self._send(hdr.response_event(status, headers, reason or _reason(status)))
 
@@ -321,6 +323,13 @@ class ClientConnection(CoalescedWrites, asyncio.Protocol):
             _reset(self.transport)
             return
         self.close()
+
+    def drain(self) -> None:
+        """The balancer is shutting down: close now if between requests, else
+        after the response under way (send_response marks it Connection: close)."""
+        if self._waiting_head and not self._head_seen and self.exchange is None \
+                and self._local is None:
+            self.close()
 
     def close(self) -> None:
         """Close after what was written is flushed, with a lingering read.

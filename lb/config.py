@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import math
+import os
 import re
 import tomllib
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ class ConfigError(Exception):
 class Listen:
     host: str
     port: int
+    workers: int = 1            # processes, each with its own SO_REUSEPORT socket
+    drain_timeout: float = 30.0  # on SIGTERM, how long in-flight requests may finish
 
 
 @dataclass(frozen=True)
@@ -290,6 +293,17 @@ def _voices(value: Any) -> dict[str, str]:
     return dict(value)
 
 
+def worker_count(value: Any) -> int:
+    """A number of worker processes, or "auto": one per CPU this process may use."""
+    if value == "auto":
+        return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                   else os.cpu_count() or 1)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 256:
+        raise ValueError(f"must be \"auto\" or a number of processes from 1 to 256, "
+                         f"got {_show(value)}")
+    return value
+
+
 def _boolean(value: Any) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"must be true or false, got {_show(value)}")
@@ -337,6 +351,8 @@ def _show(value: Any) -> str:
 SECTIONS: dict[str, dict[str, tuple[Any, Callable[[Any], Any]]]] = {
     "listen": {
         "address": ("0.0.0.0:6095", _address),
+        "workers": (1, worker_count),
+        "drain_timeout": (30.0, _seconds),
     },
     "limits": {
         "nofile": (65536, _integer(1)),
@@ -470,7 +486,8 @@ def parse(raw: dict[str, Any]) -> Config:
                           "required when the fallback is enabled: the Cartesia voice for "
                           "every voice name not listed")
     return Config(
-        listen=Listen(host=host, port=port),
+        listen=Listen(host=host, port=port, workers=values["listen"]["workers"],
+                      drain_timeout=values["listen"]["drain_timeout"]),
         limits=Limits(**values["limits"]),
         timeouts=Timeouts(**values["timeouts"]),
         pool=Pool(**values["pool"]),

@@ -24,11 +24,15 @@ _FD_EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _FD_RETRY = 0.05          # when out of descriptors with nothing open to wait for
 
 
-def open_socket(host: str, port: int, backlog: int) -> socket.socket:
+def open_socket(host: str, port: int, backlog: int, reuse_port: bool = False) -> socket.socket:
+    """A listening socket; with `reuse_port`, one of several (one per worker)
+    on the same port, among which the kernel spreads new connections."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
         sock.listen(backlog)
         sock.setblocking(False)

@@ -71,6 +71,9 @@ class UpstreamPool:
             self._idle = keep
 
     def close_all(self) -> None:
+        """Close the idle connections, and any handed back from now on (the
+        backend is gone: stopping, or removed by a reload)."""
+        self._max_idle = 0
         idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()

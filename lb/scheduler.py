@@ -79,6 +79,14 @@ class Scheduler:
         self.no_backend = 0
         self.queue_wait_total = 0.0       # seconds waited by those dispatched from the queue
 
+    def reconfigure(self, backends: Sequence[Backend], policy: Policy, *, queue_limit: int,
+                    passive: Passive) -> None:
+        """A reload: what is queued stays queued, in order."""
+        self.backends = list(backends)
+        self.policy = policy
+        self.queue_limit = queue_limit
+        self.passive = passive
+
     # --- taking and giving back slots
 
     def acquire(self, waiter: Waiter, exclude: frozenset[str] = frozenset(), *,

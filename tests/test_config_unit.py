@@ -370,6 +370,7 @@ SECONDS_KEYS = [("timeouts", k) for k in SECTIONS["timeouts"]] + [("pool", "idle
     ("health.passive", "base_ejection"), ("health.passive", "max_ejection"),
     ("health.active", "interval"), ("health.active", "timeout"),
     ("retry", "backoff_base"), ("retry", "backoff_max"), ("fallback.cartesia", "timeout"),
+    ("listen", "drain_timeout"),
 ]
 # Keys checked against another one (max >= base): setting one alone to an
 # arbitrary good value may break the pair, so the other is set to match.
@@ -394,6 +395,8 @@ def test_every_int_and_seconds_key_is_listed():
     listed = set(INT_KEYS) | set(SECONDS_KEYS)
     for section, keys in SECTIONS.items():
         for key, (default, _) in keys.items():
+            if (section, key) == ("listen", "workers"):
+                continue   # also takes "auto": see test_listen_workers_*
             if type(default) is int or (type(default) is float and key != "jitter"
                                         and (section, key) != ("balancer", "slow_start")):
                 assert (section, key) in listed, (section, key)
@@ -1737,3 +1740,20 @@ def test_backend_host_that_cannot_be_encoded_is_rejected():
     with pytest.raises(ConfigError) as info:
         parse({"backend": [{"name": "a", "url": "http://a..b:8080"}]})
     assert info.value.key == "backend[0].url" and "invalid host name" in info.value.reason
+
+
+
+@pytest.mark.parametrize("value, expected", [(1, 1), (4, 4), (256, 256)])
+def test_listen_workers_takes_a_count(value, expected):
+    assert parse(minimal(listen={"workers": value})).listen.workers == expected
+
+
+def test_listen_workers_auto_is_one_per_usable_cpu():
+    import os
+    assert parse(minimal(listen={"workers": "auto"})).listen.workers == len(os.sched_getaffinity(0))
+
+
+@pytest.mark.parametrize("bad", [0, 257, -1, "four", True, 2.0, [2]])
+def test_listen_workers_rejects_everything_else(bad):
+    exc = error_of(minimal(listen={"workers": bad}))
+    assert exc.key == "listen.workers" and '"auto" or a number of processes' in exc.reason

@@ -1,0 +1,104 @@
+"""`--workers N`: N balancer processes on one port, and a supervisor over them.
+
+Each worker is forked before it creates anything of its own -- event loop,
+listening socket (with SO_REUSEPORT, so the kernel spreads connections
+evenly over the workers' sockets), backend pools -- and serves on its own.
+The supervisor only starts workers, restarts one that dies (and says so),
+and passes SIGTERM/SIGINT (drain, then exit) and SIGHUP (reload) on to them.
+
+Each worker has its own counters, queue and health view: /lb-stats and
+/health describe the worker that answered, and say which.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import socket
+import time
+import traceback
+from typing import Callable
+
+from .balancer import WORKER_ENV
+from .config import Config
+
+log = logging.getLogger("lb")
+
+RESTART_PAUSE = 1.0    # a worker that dies this soon after starting waits this long to restart
+
+
+def supervise(config: Config, workers: int, run_worker: Callable[[Config], int]) -> int:
+    reserve = None
+    if config.listen.port == 0:
+        # Every worker must bind the same port: choose it once, and hold it
+        # (bound, not listening, so it takes no connections) while they run.
+        reserve = _reserve_port(config.listen.host)
+        port = reserve.getsockname()[1]
+        config = dataclasses.replace(config, listen=dataclasses.replace(config.listen, port=port))
+    children: dict[int, tuple[int, float]] = {}    # pid -> (worker number, started)
+    state = {"stopping": False}
+
+    def spawn(number: int) -> None:
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                    signal.signal(sig, signal.SIG_DFL)
+                os.environ[WORKER_ENV] = str(number)
+                if reserve is not None:
+                    reserve.close()
+                code = run_worker(config)
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        children[pid] = (number, time.monotonic())
+
+    def forward(sig: int, frame=None) -> None:
+        if sig in (signal.SIGTERM, signal.SIGINT):
+            if state["stopping"] and sig == signal.SIGINT:
+                return   # Ctrl-C reaches the workers too (same process group)
+            state["stopping"] = True
+        for pid in list(children):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    for number in range(1, workers + 1):
+        spawn(number)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    log.info("supervisor %d: %d workers on port %d", os.getpid(), workers, config.listen.port)
+    failed = False
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        number, started = children.pop(pid, (0, 0.0))
+        code = os.waitstatus_to_exitcode(status)
+        if state["stopping"]:
+            failed |= code != 0
+            continue
+        how = f"exit code {code}" if code >= 0 else f"signal {signal.Signals(-code).name}"
+        log.warning("worker %d (pid %d) ended with %s: starting it again", number, pid, how)
+        if time.monotonic() - started < RESTART_PAUSE:
+            time.sleep(RESTART_PAUSE)   # do not spin on a worker that cannot start
+        if not state["stopping"]:
+            spawn(number)
+    if reserve is not None:
+        reserve.close()
+    log.info("supervisor: all workers stopped")
+    return 1 if failed else 0
+
+
+def _reserve_port(host: str) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, 0))
+    return sock
