@@ -14,6 +14,7 @@ from .fdlimit import FdLimit, raise_nofile
 
 log = logging.getLogger("lb")
 
+HANDLED_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 SMALL_CAP = 100  # below this many client connections, the fd budget deserves a warning
 
 
@@ -69,7 +70,15 @@ def _start(config: Config, fd: FdLimit, config_path: str, workers: int) -> int:
     if workers <= 1:
         return _run(config, fd, config_path)
     from .supervisor import supervise
-    return supervise(config, workers, lambda cfg: _run(cfg, fd, config_path, reuse_port=True))
+    return supervise(config, workers, lambda cfg: _run(cfg, fd, config_path, reuse_port=True),
+                     lambda: _load_for_reload(config_path))
+
+
+def _load_for_reload(config_path: str) -> Config | None:
+    try:
+        return load(config_path)
+    except ConfigError:
+        return None   # each worker logs why it refused the same file
 
 
 def _run(config: Config, fd: FdLimit, config_path: str, reuse_port: bool = False) -> int:
@@ -93,12 +102,6 @@ async def _serve(config: Config, fd: FdLimit, config_path: str, reuse_port: bool
         log.warning("only %d client connections fit in %d descriptors: raise the hard "
                     "RLIMIT_NOFILE (LimitNOFILE= in systemd) or lower pool.max_idle",
                     balancer.max_connections, fd.granted)
-    try:
-        balancer.start(reuse_port=reuse_port)
-    except OSError as exc:
-        log.error("cannot listen on %s:%d: %s", config.listen.host, config.listen.port,
-                  exc.strerror or exc)
-        return 1
     stop = asyncio.Event()
     signals = {"count": 0}
 
@@ -107,9 +110,19 @@ async def _serve(config: Config, fd: FdLimit, config_path: str, reuse_port: bool
         signals["count"] += 1
         stop.set()
 
+    # Handlers before the socket opens, so a signal sent as soon as we
+    # listen is handled, not fatal.  A worker was forked with them blocked
+    # (see supervisor.py): any that came meanwhile are delivered now.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_stop)
     loop.add_signal_handler(signal.SIGHUP, lambda: _reload(balancer, config_path))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
+    try:
+        balancer.start(reuse_port=reuse_port)
+    except OSError as exc:
+        log.error("cannot listen on %s:%d: %s", config.listen.host, config.listen.port,
+                  exc.strerror or exc)
+        return 1
     await stop.wait()
     await _drain(balancer, signals)
     log.info("stopping")

@@ -402,7 +402,10 @@ class ClientConnection(CoalescedWrites, asyncio.Protocol):
     def _response_complete(self) -> None:
         self.exchange = None
         h = self.h11
-        if h.our_state is h11.MUST_CLOSE or h.their_state is not h11.DONE:
+        if (h.our_state is h11.MUST_CLOSE or h.their_state is not h11.DONE
+                or self.balancer.draining):
+            # (a response whose head went out before the drain began did not
+            # say Connection: close; the client sees the close instead)
             self.close()
             return
         h.start_next_cycle()

@@ -29,7 +29,14 @@ log = logging.getLogger("lb")
 RESTART_PAUSE = 1.0    # a worker that dies this soon after starting waits this long to restart
 
 
-def supervise(config: Config, workers: int, run_worker: Callable[[Config], int]) -> int:
+HANDLED = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+
+
+def supervise(config: Config, workers: int, run_worker: Callable[[Config], int],
+              reload_config: Callable[[], Config | None]) -> int:
+    """Run `workers` forked workers until SIGTERM/SIGINT; `reload_config` is
+    called on SIGHUP so that a worker started again later runs what the
+    others reloaded (None: the file was refused, keep the last good one)."""
     reserve = None
     if config.listen.port == 0:
         # Every worker must bind the same port: choose it once, and hold it
@@ -38,26 +45,39 @@ def supervise(config: Config, workers: int, run_worker: Callable[[Config], int])
         port = reserve.getsockname()[1]
         config = dataclasses.replace(config, listen=dataclasses.replace(config.listen, port=port))
     children: dict[int, tuple[int, float]] = {}    # pid -> (worker number, started)
-    state = {"stopping": False}
+    state = {"stopping": False, "config": config}
+    port = config.listen.port
 
     def spawn(number: int) -> None:
+        # Signals stay blocked from before the fork until the worker's event
+        # loop has its handlers (lb.__main__._serve unblocks them): one sent
+        # while it starts waits for it instead of killing it.
+        signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
-                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                for sig in HANDLED:
                     signal.signal(sig, signal.SIG_DFL)
                 os.environ[WORKER_ENV] = str(number)
                 if reserve is not None:
                     reserve.close()
-                code = run_worker(config)
+                code = run_worker(state["config"])
             except BaseException:
                 traceback.print_exc()
             finally:
                 os._exit(code)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
         children[pid] = (number, time.monotonic())
 
     def forward(sig: int, frame=None) -> None:
+        if sig == signal.SIGHUP:
+            new = reload_config()
+            if new is not None:
+                if new.listen.port != port:   # the port is fixed for the workers' life
+                    new = dataclasses.replace(new, listen=dataclasses.replace(new.listen,
+                                                                               port=port))
+                state["config"] = new
         if sig in (signal.SIGTERM, signal.SIGINT):
             if state["stopping"] and sig == signal.SIGINT:
                 return   # Ctrl-C reaches the workers too (same process group)
@@ -68,10 +88,10 @@ def supervise(config: Config, workers: int, run_worker: Callable[[Config], int])
             except ProcessLookupError:
                 pass
 
+    for sig in HANDLED:
+        signal.signal(sig, forward)
     for number in range(1, workers + 1):
         spawn(number)
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, forward)
     log.info("supervisor %d: %d workers on port %d", os.getpid(), workers, config.listen.port)
     failed = False
     while children:
