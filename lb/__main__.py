@@ -15,6 +15,7 @@ from .fdlimit import FdLimit, raise_nofile
 log = logging.getLogger("lb")
 
 HANDLED_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+REPEAT_WINDOW = 1.0   # seconds: a stop signal again this soon is the same one, twice
 SMALL_CAP = 100  # below this many client connections, the fd budget deserves a warning
 
 
@@ -103,11 +104,18 @@ async def _serve(config: Config, fd: FdLimit, config_path: str, reuse_port: bool
                     "RLIMIT_NOFILE (LimitNOFILE= in systemd) or lower pool.max_idle",
                     balancer.max_connections, fd.granted)
     stop = asyncio.Event()
-    signals = {"count": 0}
+    signals = {"count": 0, "first": 0.0}
 
     def on_stop() -> None:
-        # The first SIGTERM/SIGINT drains; a second one stops at once.
+        # The first SIGTERM/SIGINT drains; a second one stops at once.  A
+        # worker gets the same signal twice when it was sent to the whole
+        # process group (Ctrl-C; systemd stopping the unit) and the
+        # supervisor forwards it too: a repeat within REPEAT_WINDOW is that.
+        now = loop.time()
+        if signals["count"] and now - signals["first"] < REPEAT_WINDOW:
+            return
         signals["count"] += 1
+        signals["first"] = signals["first"] or now
         stop.set()
 
     # Handlers before the socket opens, so a signal sent as soon as we

@@ -169,7 +169,10 @@ class Balancer:
         for what, before, after in (("listen.address", (old.listen.host, old.listen.port),
                                      (new.listen.host, new.listen.port)),
                                     ("listen.workers", old.listen.workers, new.listen.workers),
-                                    ("limits", old.limits, new.limits)):
+                                    ("limits", old.limits, new.limits),
+                                    ("[pool] or timeouts.connect for kept backends",
+                                     (old.pool, old.timeouts.connect),
+                                     (new.pool, new.timeouts.connect))):
             if before != after:
                 log.warning("reload: %s changed, which takes effect only after a restart", what)
         self.config = new

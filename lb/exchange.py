@@ -88,7 +88,7 @@ class Exchange:
                  "_upstream_request", "_sent_at", "_replaying", "_race_ok",
                  "ticket", "queued_for", "tried", "why", "_holding",
                  "_retrying", "_replay_failure", "kind", "pinned", "_fallback_task",
-                 "fallback_reason", "served_by", "_drained", "_peek")
+                 "fallback_reason", "served_by", "_drained", "_peek", "_fallback")
 
     def __init__(self, balancer: "Balancer", client: "ClientConnection",
                  request: h11.Request, info: hdr.RequestInfo):
@@ -133,6 +133,7 @@ class Exchange:
         self.served_by = ""                   # "cartesia" when the fallback answered
         self._drained: asyncio.Future | None = None
         self._peek: bytearray | None = None   # a two-step JSON answer, read for audio_url
+        self._fallback = None                 # the Fallback this call was handed to
 
     # --- getting a slot
 
@@ -550,6 +551,7 @@ class Exchange:
                                extra=[(b"retry-after", b"1")])
             return True
         self.balancer.fallbacks[why] += 1
+        self._fallback = fallback   # kept: a reload may replace balancer.fallback meanwhile
         if self._retrying:
             # Its retries are over: it no longer counts against the retry budget.
             self._retrying = False
@@ -586,7 +588,7 @@ class Exchange:
         self._kept = None
         self.served_by = "cartesia"
         try:
-            await self.balancer.fallback.answer(call, _ToClient(self))
+            await self._fallback.answer(call, _ToClient(self))
         except ClientStalled:
             if self.phase != DONE:
                 self._abandon(504, f"client read nothing for "

@@ -59,6 +59,7 @@ def supervise(config: Config, workers: int, run_worker: Callable[[Config], int],
             try:
                 for sig in HANDLED:
                     signal.signal(sig, signal.SIG_DFL)
+                _die_with_parent()
                 os.environ[WORKER_ENV] = str(number)
                 if reserve is not None:
                     reserve.close()
@@ -67,8 +68,10 @@ def supervise(config: Config, workers: int, run_worker: Callable[[Config], int],
                 traceback.print_exc()
             finally:
                 os._exit(code)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
+        # Known before the signals are let through: a SIGTERM waiting to be
+        # handled must be forwarded to this worker too.
         children[pid] = (number, time.monotonic())
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
 
     def forward(sig: int, frame=None) -> None:
         if sig == signal.SIGHUP:
@@ -99,7 +102,9 @@ def supervise(config: Config, workers: int, run_worker: Callable[[Config], int],
             pid, status = os.wait()
         except ChildProcessError:
             break
-        number, started = children.pop(pid, (0, 0.0))
+        if pid not in children:
+            continue   # not a worker: a --demo backend (demo.py reports on those)
+        number, started = children.pop(pid)
         code = os.waitstatus_to_exitcode(status)
         if state["stopping"]:
             failed |= code != 0
@@ -114,6 +119,16 @@ def supervise(config: Config, workers: int, run_worker: Callable[[Config], int],
         reserve.close()
     log.info("supervisor: all workers stopped")
     return 1 if failed else 0
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGTERM this worker if the supervisor dies, so no worker is
+    left serving the port on its own."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _reserve_port(host: str) -> socket.socket:
