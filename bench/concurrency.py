@@ -47,7 +47,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from bench.throughput import (HOST, BenchError, Service, Services, Stop, free_port, make_tmp,
+from bench.throughput import (HOST, BenchError, Service, Services, Stop, _Parser, free_port, make_tmp,
                               tool_version)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -114,12 +114,6 @@ SENTENCES = (
 
 
 # --------------------------------------------------------------------------- arguments
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # exit 2 like argparse, and say how to get help
-        self.print_usage(sys.stderr)
-        self.exit(2, f"{self.prog}: error: {message}\n(see --help)\n")
-
 
 def _int_in(lo: int, hi: int, what: str):
     def parse(text: str) -> int:
