@@ -65,13 +65,11 @@ class Balancer:
                                    wake_at=self._wake_at)
         self.retry = RetryBudget(config.retry)
         # TTS calls by path, and what the Cartesia fallback needs.
-        self.routes = {r.path.encode("ascii"): r.kind for r in config.routes}
+        self.routes = _routes(config)
         self.affinity: ExpiringMap[str] = ExpiringMap(max_items=AFFINITY_ITEMS, ttl=AUDIO_TTL)
         self.audio: ExpiringMap[bytes] = ExpiringMap(max_items=AUDIO_ITEMS, ttl=AUDIO_TTL,
                                                      max_bytes=AUDIO_BYTES, size=len)
-        cartesia = config.cartesia
-        self.fallback = (Fallback(cartesia, CartesiaClient(cartesia), self.audio)
-                         if cartesia.enabled else None)
+        self.fallback = self._make_fallback(config)
         self.fallbacks: Counter[str] = Counter()
         self._wakeup: asyncio.TimerHandle | None = None
         self._probers: dict[str, Prober] = {}
@@ -141,6 +139,11 @@ class Balancer:
                 write_buffer_high=limits.write_buffer_high)),
             passive=config.passive, active=config.active, slow_start=config.balancer.slow_start)
 
+    def _make_fallback(self, config: Config) -> Fallback | None:
+        cartesia = config.cartesia
+        return (Fallback(cartesia, CartesiaClient(cartesia), self.audio)
+                if cartesia.enabled else None)
+
     def _start_prober(self, backend: Backend) -> None:
         if backend.health_path:
             self._probers[backend.name] = Prober(backend, self.scheduler, self.config.active,
@@ -209,11 +212,10 @@ class Balancer:
         self.scheduler.reconfigure(self.backends, self.policy,
                                    queue_limit=new.balancer.queue_limit, passive=new.passive)
         self.retry.cfg = new.retry
-        self.routes = {r.path.encode("ascii"): r.kind for r in new.routes}
+        self.routes = _routes(new)
         if old.cartesia != new.cartesia:
             # Calls already with Cartesia keep the client they started with.
-            self.fallback = (Fallback(new.cartesia, CartesiaClient(new.cartesia), self.audio)
-                             if new.cartesia.enabled else None)
+            self.fallback = self._make_fallback(new)
         for backend in self.backends:
             self._start_prober(backend)
         log.info("reloaded: %d backend(s)%s%s; policy %s", len(self.backends),
@@ -363,3 +365,8 @@ class Balancer:
         snap["audio_bytes"] = self.audio.bytes
         snap["two_step_urls"] = len(self.affinity)
         return snap
+
+
+def _routes(config: Config) -> dict[bytes, str]:
+    """TTS calls by path: their kind (what the Cartesia fallback translates)."""
+    return {r.path.encode("ascii"): r.kind for r in config.routes}

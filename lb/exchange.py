@@ -179,9 +179,14 @@ class Exchange:
             self.queued_for += time.monotonic() - self.ticket.since
             self.ticket = None
 
+    def _quit_queue(self, timed_out: bool = False) -> None:
+        """Give up our place in the queue (if we have one) ourselves."""
+        if self.ticket is not None:
+            self.balancer.scheduler.cancel(self.ticket, timed_out=timed_out)
+            self._left_queue()
+
     def _queue_timed_out(self) -> None:
-        self.balancer.scheduler.cancel(self.ticket, timed_out=True)
-        self._left_queue()
+        self._quit_queue(timed_out=True)
         self._give_up(f"every backend stayed at its concurrency limit for "
                       f"{self.balancer.config.balancer.queue_timeout:g}s "
                       f"(balancer.queue_timeout)", "queue_timeout")
@@ -541,9 +546,7 @@ class Exchange:
             return False
         self._drop_upstream()
         self._release_slot()
-        if self.ticket is not None:
-            self.balancer.scheduler.cancel(self.ticket)
-            self._left_queue()
+        self._quit_queue()
         self._deadline.cancel()
         if not fallback.client.usable:
             self._answer_error(503, f"{reason}; the Cartesia fallback is unusable: "
@@ -667,9 +670,7 @@ class Exchange:
         task = self._fallback_task
         if task is not None and task is not asyncio.current_task():
             task.cancel()
-        if self.ticket is not None:
-            self.balancer.scheduler.cancel(self.ticket)
-            self._left_queue()
+        self._quit_queue()
         self._pending.clear()
         self._kept = None
         retry = self.balancer.retry
