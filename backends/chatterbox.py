@@ -28,10 +28,12 @@ backends/gpu.py.  Run: python -m backends.chatterbox --port 0 [--slots N --rtf R
     server, does not change the audio.
   GET  /audio/<name>     the WAV made by THIS server (audio/wav, Content-Length); any other name,
                          one from another server or one expired: 404 {"detail":"Audio file not
-                         found"}.  Files live in memory (as a sample count: the bytes are
-                         regenerated, identically, on each GET) for --audio-ttl seconds (3600),
-                         at most --audio-max-files (newest kept); they survive a crash, like the
-                         real server's files in /tmp.  Not subject to the fault rates.
+                         found"}.  The WAV says the text (espeak-ng, see speech.py) or is the
+                         tone (--tone, or no espeak-ng).  Files live in memory (as text and
+                         sample count: the samples are made again, identically, on each GET)
+                         for --audio-ttl seconds (3600), at most --audio-max-files (newest
+                         kept); they survive a crash, like the real server's files in /tmp.
+                         Not subject to the fault rates.
 Plus the simulator's /_stats, /_stats/reset, /_mode, /_crash (see simserver).
 """
 from __future__ import annotations
@@ -71,11 +73,11 @@ FORM_FIELDS = {name: Field(f.kind, f.default, optional=f.optional)
 
 
 class AudioStore:
-    """name -> sample count, oldest first; bounded in count and age."""
+    """name -> (sample count, text), oldest first; bounded in count and age."""
 
     def __init__(self, ttl: float = 3600.0, max_files: int = 1000):
         self.ttl, self.max_files = ttl, max_files
-        self.files: OrderedDict[str, tuple[int, float]] = OrderedDict()
+        self.files: OrderedDict[str, tuple[tuple[int, str], float]] = OrderedDict()
 
     def _expire(self, now: float):
         while self.files:
@@ -84,13 +86,13 @@ class AudioStore:
                 break
             del self.files[name]
 
-    def add(self, name: str, n_samples: int, now: float):
+    def add(self, name: str, n_samples: int, text: str, now: float):
         self._expire(now)
-        self.files[name] = (n_samples, now + self.ttl)
+        self.files[name] = ((n_samples, text), now + self.ttl)
         while len(self.files) > self.max_files:
             self.files.popitem(last=False)
 
-    def get(self, name: str, now: float) -> int | None:
+    def get(self, name: str, now: float) -> tuple[int, str] | None:
         self._expire(now)
         entry = self.files.get(name)
         return None if entry is None else entry[0]
@@ -207,7 +209,7 @@ class ChatterboxServer(SimServer):
                 raise HTTPError(500, {"detail": "Synthesis failed: simulated"}) from None
             t3 = s.job.compute_time
             name = f"{uuid.uuid4()}.wav"
-            self.files.add(name, n, asyncio.get_running_loop().time())
+            self.files.add(name, n, text, asyncio.get_running_loop().time())
             body = orjson.dumps({
                 "success": True, "message": "Speech synthesized successfully",
                 "audio_url": f"/audio/{name}", "duration": n / audio.SAMPLE_RATE,
@@ -217,10 +219,12 @@ class ChatterboxServer(SimServer):
 
     async def h_audio(self, conn, req, filename: str):
         await conn.read_body()
-        n = self.files.get(filename, asyncio.get_running_loop().time())
-        if n is None:
+        entry = self.files.get(filename, asyncio.get_running_loop().time())
+        if entry is None:
             raise HTTPError(404, {"detail": "Audio file not found"})
-        await conn.respond(200, audio.wav_file(n), "audio/wav",
+        n, text = entry
+        samples = await conn.guard(self.renderer.start(text, n))
+        await conn.respond(200, audio.wav_header(len(samples)) + samples, "audio/wav",
                            [("content-disposition", f'attachment; filename="{filename}"'),
                             ("cache-control", "no-cache")])
 

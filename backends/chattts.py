@@ -13,8 +13,9 @@ On the simulated GPU of backends/gpu.py.  Run: python -m backends.chattts --port
         sent chunked as Starlette's StreamingResponse does) holding one entry per text item.
         The real server writes MP3 ("0.mp3", "1.mp3", ...); this simulator has no MP3 encoder,
         so its entries are WAV files and are named honestly "0.wav", "1.wav", ... (24 kHz mono
-        16-bit, each as long as its text at --chars-per-second).  "stream", "[speed_N]" and
-        text refinement do not change the result.
+        16-bit, each as long as its text at --chars-per-second and saying it with espeak-ng,
+        or the tone: see speech.py).  "stream", "[speed_N]" and text refinement do not
+        change the result.
         While loading: 503 {"detail": "Model not loaded"}.  A --fail-rate failure: 500
         text/plain "Internal Server Error" (an exception escaping a FastAPI handler).
   GET  /health  200 {"status": "healthy", "model_loaded": true} (as in ChatTTS's OpenAI-style
@@ -81,11 +82,12 @@ CHATTTS_PARAMS = {
 }
 
 
-def make_zip(sample_counts: list[int]) -> bytes:
+def make_zip(pieces: list[bytes]) -> bytes:
+    """A zip of one WAV per piece of s16le samples: 0.wav, 1.wav, ..."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as z:
-        for i, n in enumerate(sample_counts):
-            z.writestr(f"{i}.wav", audio.wav_file(n))
+        for i, samples in enumerate(pieces):
+            z.writestr(f"{i}.wav", audio.wav_header(len(samples)) + samples)
     return buf.getvalue()
 
 
@@ -114,12 +116,13 @@ class ChatTTSServer(SimServer):
         cps = self.opts.chars_per_second
         counts = [audio.samples_for_text(t, cps) for t in params["text"]]
         async with self.synthesis(conn) as s:
+            pieces = [s.render(text, n) for text, n in zip(params["text"], counts)]
             try:
                 await s.whole(sum(counts) / audio.SAMPLE_RATE)
             except SynthFailed:
                 raise HTTPError(500, b"Internal Server Error", ctype="text/plain; charset=utf-8") \
                     from None
-            await s.send_whole(200, make_zip(counts), [
+            await s.send_whole(200, make_zip([await p for p in pieces]), [
                 ("content-type", "application/zip"),
                 ("content-disposition", "attachment; filename=audio_files.zip")], chunked=True)
 

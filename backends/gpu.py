@@ -17,6 +17,12 @@ whatever the rates, so a seed replays the same sequence: `fail` (answered 500 af
 its work), `hang` (never answered until the client leaves), `reset` (the response body is cut
 with a TCP RST part-way; for streams, after some pieces).
 
+Blocking (--blocking).  As most real TTS servers do (Chatterbox's run generation
+synchronously in their one worker; ChatTTS's API example holds a lock around a synchronous
+infer), the whole server process waits out each synthesis's GPU time (time.sleep on the
+event loop): nothing else is served meanwhile, /health and /_stats included, and requests
+are computed one at a time in arrival order, whatever --slots says.
+
 Defaults (documented in --help): slots 2, rtf 0.2 (five times faster than real time, a
 mid-range GPU running Chatterbox), load_time 2 s (real servers take 10-60 s; kept short so a
 demo starts quickly), restart_after 10 s (systemd's RestartSec=10 in the original deployment).
@@ -27,6 +33,7 @@ import argparse
 import asyncio
 import math
 import random
+import time
 from dataclasses import dataclass, fields
 
 EPS = 1e-6           # seconds of GPU work below which a job counts as finished
@@ -48,6 +55,8 @@ class GPUOptions:
     reset_rate: float = 0.0
     seed: int | None = None
     chars_per_second: float = 15.0
+    blocking: bool = False   # synthesis blocks the whole server (see the module doc)
+    tone: bool = False       # the tone even where espeak-ng could speak (see speech.py)
 
     def __post_init__(self):
         for f in fields(self):
@@ -92,6 +101,13 @@ def add_arguments(p: argparse.ArgumentParser, **defaults) -> None:
     g.add_argument("--chars-per-second", type=float, default=d["chars_per_second"],
                    help=f"speaking rate: audio seconds = characters / this "
                         f"(default {d['chars_per_second']:g})")
+    g.add_argument("--blocking", action="store_true", default=d["blocking"],
+                   help="synthesis blocks the server's event loop, /health included, as "
+                        "servers that run their model synchronously do (one at a time)")
+    a = p.add_argument_group("audio")
+    a.add_argument("--tone", action="store_true", default=d["tone"],
+                   help="always the tone, even if espeak-ng is installed (deterministic and "
+                        "cheap: for tests and benchmarks)")
 
 
 def options_from_args(args: argparse.Namespace) -> GPUOptions:
@@ -190,6 +206,18 @@ class GPU:
             job.work += done
             job.compute_time += now - started
             self.work_seconds += done
+
+    def compute_blocking(self, job: Job, work: float) -> None:
+        """--blocking: the whole process waits out `work` (the event loop included, so
+        nothing else runs meanwhile and no other job can be computing)."""
+        if work <= EPS:
+            return
+        self.max_computing = max(self.max_computing, 1)
+        started = time.monotonic()
+        time.sleep(work)
+        job.work += work
+        job.compute_time += time.monotonic() - started
+        self.work_seconds += work
 
     def _settle(self, now: float) -> None:
         if self.running:

@@ -20,6 +20,8 @@ backends/gpu.py.  Run: python -m backends.openai_tts --port 0 [--slots N --rtf R
         audio/wav, chunked: the 44-byte unknown-size header (RIFF 0x7FFFFFFF-36, data
         0xFFFFFFFF), then raw s16le PCM, one piece per text chunk (sentences packed up to
         200 chars by default), each sent once its share of GPU time has passed.
+  The samples say the text (espeak-ng, per chunk when streaming; see speech.py) or are the
+  tone (--tone, or no espeak-ng); their lengths are the same either way.
   GET  /health (/v1/health)  200 {"status":"healthy"|"initializing","model_loaded":...,
         "device":"cuda", "initialization_state":"ready"|"initializing", ...}
   GET  /ping (/v1/ping)      200 {"status":"ok","message":"Server is running"}
@@ -198,11 +200,13 @@ class OpenAITTSServer(SimServer):
             return await self.wav_stream(conn, params)
         n = audio.samples_for_text(params["input"], self.opts.chars_per_second)
         async with self.synthesis(conn) as s:
+            samples = s.render(params["input"], n)
             try:
                 await s.whole(n / audio.SAMPLE_RATE)
             except SynthFailed:
                 raise self.generation_error() from None
-            await s.send_whole(200, audio.wav_file(n), [
+            samples = await samples
+            await s.send_whole(200, audio.wav_header(len(samples)) + samples, [
                 ("content-type", "audio/wav"),
                 ("content-disposition", "attachment; filename=speech.wav")], chunked=True)
 
@@ -254,12 +258,13 @@ class OpenAITTSServer(SimServer):
                     s.outcome = "reset"
                     await conn.reset()
                 n = audio.samples_for_text(chunk, cps)
+                piece = s.render(chunk, n, offset)  # made while its GPU time passes
                 if i == fail_at:
                     await s.compute(n / audio.SAMPLE_RATE * s.fate.point)
                     s.outcome = "failed"
                     await conn.abort_stream()
                 await s.compute(n / audio.SAMPLE_RATE)
-                await conn.send_data(wrap(audio.pcm(n, offset)))
+                await conn.send_data(wrap(await piece))
                 offset += n
             if last is not None:
                 await conn.send_data(last(len(chunks)))

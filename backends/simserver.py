@@ -12,22 +12,25 @@ A kind (chatterbox.py, openai_tts.py, chattts.py) subclasses SimServer, lists RO
   * conn.guard(awaitable): wait while reading the socket, so a client that leaves (FIN or RST)
     ends the request at once and frees its GPU share;
   * self.synthesis(conn): the GPU lifecycle of one synthesis (optional lock, admission, OOM
-    crash, fault fate, counters), see Synthesis;
+    crash, fault fate, counters), see Synthesis; with --blocking its GPU time blocks the
+    whole server (see gpu.py);
+  * the samples: self.voice (speech.py: espeak-ng saying the text, or the tone; --tone forces
+    the tone) and s.render(text, n), begun before the GPU time so the two overlap;
   * crash(): every connection reset, the listening port closed, a restart after
     --restart-after seconds on the same port, then --load-time seconds of model loading;
   * control endpoints, never counted: GET /_stats, /_stats/reset (counters as JSON),
     /_mode?fail_rate=P&hang_rate=P&reset_rate=P (change the fault rates; answers them),
     /_crash (crash now, as an OOM would).
 
-Run a kind: `python -m backends.<kind> --port 0` prints "listening on HOST:PORT" once
-listening and exits 0 on SIGTERM/SIGINT.  In-process: `with SimThread(Kind, gpu=GPUOptions(...))
+Run a kind: `python -m backends.<kind> --port 0` prints "audio: espeak-ng (real speech)" (or
+"audio: tone (why)"), then "listening on HOST:PORT" once listening, and exits 0 on
+SIGTERM/SIGINT.  In-process: `with SimThread(Kind, gpu=GPUOptions(...))
 as t: t.port`, or `server = Kind(...); await server.start(host, port)`.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
-from collections import deque
 from contextlib import asynccontextmanager
 from urllib.parse import parse_qs
 
@@ -37,12 +40,13 @@ import orjson
 from . import plumbing
 from .gpu import GPU, GPUOptions, OutOfMemory, add_arguments, options_from_args
 from .plumbing import READ_SIZE, Done, ServerThread, cli_parser, serve_until_signal
+from .simstats import Stats
+from .speech import Renderer, Voice
 
 KEEPALIVE = 5.0               # uvicorn's timeout_keep_alive
 HANG_MAX = 3600.0             # even a hang gives up eventually: every wait here is bounded
 MAX_BODY = 64 << 20
 PIPELINE_MAX = 1 << 20        # bytes read ahead (and kept) while a request is being served
-RECENT = 64                   # synthesis records kept for /_stats
 
 
 class SynthFailed(Exception):
@@ -75,71 +79,6 @@ class Request:
         return None
 
 
-class Stats:
-    """Counters for /_stats.  Ordinary requests: every request but /_* (health checks count).
-    Synthesis: requests that passed validation and the loading check and went to the GPU
-    (through the lock, if the kind has one); `outcomes` says how each ended: ok, failed (500),
-    hung, reset, gone (the client left first) or crashed."""
-
-    def __init__(self):
-        self.connections_open = self.requests_in_flight = self.synth_in_flight = 0
-        self.crashes = 0
-        self.reset()
-
-    def reset(self):
-        self.connections_total = self.requests_total = self.synth_total = 0
-        self.synth_rejected = self.crashes = 0
-        self.max_requests_in_flight = self.requests_in_flight
-        self.max_synth_in_flight = self.synth_in_flight
-        self.max_slowdown = 0.0
-        self.outcomes: dict[str, int] = {}
-        self.recent: deque[dict] = deque(maxlen=RECENT)
-
-    def request_started(self, c: "Conn"):
-        if not c.counted:
-            c.counted = True
-            self.connections_open += 1
-            self.connections_total += 1
-        c.in_flight = True
-        self.requests_in_flight += 1
-        self.requests_total += 1
-        self.max_requests_in_flight = max(self.max_requests_in_flight, self.requests_in_flight)
-
-    def request_done(self, c: "Conn"):
-        if c.in_flight:
-            c.in_flight = False
-            self.requests_in_flight -= 1
-
-    def conn_closed(self, c: "Conn"):
-        if c.counted:
-            c.counted = False
-            self.connections_open -= 1
-
-    def synth_started(self):
-        self.synth_in_flight += 1
-        self.synth_total += 1
-        self.max_synth_in_flight = max(self.max_synth_in_flight, self.synth_in_flight)
-
-    def synth_done(self, record: dict):
-        self.synth_in_flight -= 1
-        self.outcomes[record["outcome"]] = self.outcomes.get(record["outcome"], 0) + 1
-        if record["work"] > 0:
-            self.max_slowdown = max(self.max_slowdown, record["slowdown"])
-        self.recent.append(record)
-
-    def snapshot(self) -> dict:
-        return {"connections_open": self.connections_open,
-                "connections_total": self.connections_total,
-                "requests_in_flight": self.requests_in_flight,
-                "max_requests_in_flight": self.max_requests_in_flight,
-                "requests_total": self.requests_total,
-                "synth_in_flight": self.synth_in_flight,
-                "max_synth_in_flight": self.max_synth_in_flight,
-                "synth_total": self.synth_total, "synth_rejected": self.synth_rejected,
-                "outcomes": dict(self.outcomes), "crashes": self.crashes,
-                "max_slowdown": round(self.max_slowdown, 4), "recent": list(self.recent)}
-
-
 class Synthesis:
     """One synthesis on the GPU.  `fate` says how it ends; handlers set `outcome` when they
     end it on purpose (failed, hung, reset), else it is ok, or gone/crashed on an exception."""
@@ -147,12 +86,26 @@ class Synthesis:
     def __init__(self, server: "SimServer", conn: "Conn", job, fate):
         self.server, self.conn, self.job, self.fate = server, conn, job, fate
         self.outcome: str | None = None
+        self._renders: list[asyncio.Future] = []
 
     async def compute(self, audio_seconds: float) -> None:
         """The GPU time for `audio_seconds` of audio, shared with the other jobs; ends early
-        (Done) if the client leaves."""
+        (Done) if the client leaves.  --blocking: the whole server waits it out."""
         gpu = self.server.gpu
+        if self.server.opts.blocking:
+            return gpu.compute_blocking(self.job, gpu.work_for(audio_seconds))
         await self.conn.guard(gpu.compute(self.job, gpu.work_for(audio_seconds)))
+
+    def render(self, text: str, n_samples: int, offset: int = 0) -> asyncio.Future:
+        """Start making the n samples saying `text` (await the result after the GPU time);
+        one this synthesis ends without awaiting is cancelled."""
+        fut = self.server.renderer.start(text, n_samples, offset)
+        self._renders.append(fut)
+        return fut
+
+    def cancel_renders(self) -> None:
+        for fut in self._renders:
+            fut.cancel()
 
     async def hang(self) -> None:
         """Never answer: wait (holding the GPU memory) until the client leaves."""
@@ -214,6 +167,8 @@ class SimServer(plumbing.Server):
         self.down = False
         self.loaded_at = 0.0
         self.lock: asyncio.Semaphore | None = None   # a kind that serialises sets this
+        self.voice = Voice.choose(self.opts.tone, self.opts.chars_per_second)
+        self.renderer = Renderer(self.voice, self.opts.blocking)
         self._restart_task: asyncio.Task | None = None
         self._stopping = False
 
@@ -343,6 +298,8 @@ class SimServer(plumbing.Server):
                        ("crashed" if self.stats.crashes != crashes or self.down else "gone"))
             raise
         finally:
+            if s is not None:
+                s.cancel_renders()
             if job is not None:
                 self.gpu.release(job)
             if locked:
@@ -543,5 +500,6 @@ def run_main(cls, module: str, doc: str, argv=None):
         server = cls.from_args(options_from_args(args), args)
     except ValueError as e:
         p.error(str(e))
+    print(f"audio: {server.voice.describe()}", flush=True)
     serve_until_signal(lambda: server, args)
     return 0

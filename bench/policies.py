@@ -151,7 +151,8 @@ def main(argv: list[str] | None = None) -> None:
     args.delay = tuple(float(x) for x in args.delay.split(","))
     server = (["-m", "backends.echo"] if args.server == "echo" else
               ["-m", "backends.chatterbox", "--slots", str(args.slots), "--load-time", "0",
-               "--rtf", str(SIM_RTF), "--chars-per-second", str(SIM_CHARS_PER_SECOND)])
+               "--rtf", str(SIM_RTF), "--chars-per-second", str(SIM_CHARS_PER_SECOND),
+               "--tone"])   # not espeak-ng speech: its CPU time is not the GPU model's
     backends = [_start([*server, "--port", "0"]) for _ in range(args.backends)]
     ports = [port for _, port in backends]
     rows = []

@@ -1,15 +1,25 @@
-"""Command line: `python -m lb [-c PATH] [--check]`."""
+"""tts-lb: a load balancer for fleets of GPU text-to-speech servers.
+
+It keeps every GPU server inside its limit of calls at once, queues the
+rest, streams audio through as it is made, steps around a sick server,
+retries elsewhere and, when the fleet cannot serve a call, hands it to
+Cartesia.  Point your TTS client at it (port 6095 by default).
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 
-from . import __version__
-from .config import DEFAULT_PATH, Config, ConfigError, load, worker_count
+from . import __version__, logsetup
+from .config import Config, ConfigError, environment_warnings
+from .config_file import (ENV_CONFIG, LOCAL_PATH, SYSTEM_PATH, Loader, find,
+                          packaged_default)
+from .config_values import worker_count
 from .fdlimit import FdLimit, raise_nofile
 
 log = logging.getLogger("lb")
@@ -18,41 +28,88 @@ HANDLED_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
 REPEAT_WINDOW = 1.0   # seconds: a stop signal again this soon is the same one, twice
 SMALL_CAP = 100  # below this many client connections, the fd budget deserves a warning
 
+EPILOG = f"""\
+configuration: the first of -c FILE, ${ENV_CONFIG}, ./{LOCAL_PATH},
+{SYSTEM_PATH}, and the documented default shipped with tts-lb
+(see --print-config).
+backends: --backend, else TTS_LB_BACKENDS="[name=]URL,..." (e.g.
+TTS_LB_BACKENDS=$CHATTTS_API_URLS), else the file's [[backend]] tables.
+signals: SIGTERM/SIGINT drain and stop; SIGHUP reloads the file.
+"""
 
-def _worker_count(text: str) -> int:
+
+class _Parser(argparse.ArgumentParser):
+    """A bad option is one line naming it, and exit 2 (argparse prints the
+    whole usage first, which buries the line that matters)."""
+
+    def error(self, message: str) -> None:   # type: ignore[override]
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+
+def _workers(text: str) -> int:
     try:
-        return worker_count(text if text == "auto" else int(text))
+        return worker_count(text if text == "auto" else int(text) if text.isdigit() else text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lb", description=__doc__)
-    parser.add_argument("-c", "--config", default=DEFAULT_PATH,
-                        help=f"configuration file (default {DEFAULT_PATH})")
-    parser.add_argument("--check", action="store_true",
-                        help="validate the configuration and exit (0 if valid, 2 if not)")
-    parser.add_argument("--demo", action="store_true",
-                        help="also start simulated backends at the configured local URLs "
-                             "(no GPU servers needed)")
-    parser.add_argument("--workers", type=_worker_count, default=0, metavar="N|auto",
-                        help="worker processes, each with its own SO_REUSEPORT socket "
-                             "(default: listen.workers)")
-    parser.add_argument("--version", action="version", version=f"tts-lb {__version__}")
-    args = parser.parse_args(argv)
+def _program_name() -> str:
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return "python -m lb" if name in ("__main__.py", "-m", "") else name
 
+
+def parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=_program_name(), description=__doc__,
+                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-c", "--config", metavar="FILE", default=None,
+                   help="configuration file (default: the first found, see below)")
+    p.add_argument("--check", action="store_true",
+                   help="validate the configuration, print warnings, and exit: 0 if "
+                        "valid, 2 if not (default: off)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the documented default configuration and exit, e.g. "
+                        "`tts-lb --print-config > lb.toml` (default: off)")
+    p.add_argument("--backend", action="append", default=[], metavar="[NAME=]URL",
+                   help="a backend, e.g. gpu0=http://10.0.0.5:10129; repeat for more; "
+                        "replaces the file's [[backend]] list (default: TTS_LB_BACKENDS, "
+                        "else the file's)")
+    p.add_argument("--demo", action="store_true",
+                   help="also start a simulated Chatterbox GPU server at each backend URL "
+                        "(local ones only), for a first run without GPUs (default: off)")
+    p.add_argument("--workers", type=_workers, default=0, metavar="N|auto",
+                   help="worker processes, each with its own SO_REUSEPORT socket "
+                        "(default: listen.workers from the file, 1 as shipped)")
+    p.add_argument("--version", action="version", version=f"tts-lb {__version__}",
+                   help="print the version and exit")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.print_config:
+        sys.stdout.write(packaged_default())
+        return 0
     try:
-        config = load(args.config)
+        source = find(args.config, os.environ)
+        loader = Loader(source, args.backend, os.environ)
+        config = loader.load()
     except ConfigError as exc:
         print(f"lb: config error: {exc}", file=sys.stderr)
         return 2
+    warnings = [*config.warnings, *environment_warnings(config, os.environ)]
     if args.check:
-        print(f"{args.config}: ok ({len(config.backends)} backend(s), "
+        for warning in warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+        print(f"{source.path}: ok ({len(config.backends)} backend(s)"
+              f"{' from ' + loader.backends_from if loader.backends_from else ''}, "
               f"listen {config.listen.host}:{config.listen.port})")
         return 0
 
-    logging.basicConfig(level=config.log.level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logsetup.configure(config.log.level)
+    log.info("tts-lb %s: configuration %s (%s)%s", __version__, source.path, source.why,
+             f"; backends from {loader.backends_from}" if loader.backends_from else "")
+    for warning in warnings:
+        log.warning("config: %s", warning)
     fd = raise_nofile(config.limits.nofile)
     log.info("RLIMIT_NOFILE: asked %d, hard limit %d, was %d, granted %d%s", fd.asked, fd.hard,
              fd.soft_before, fd.granted, f" (raise failed: {fd.error})" if fd.error else "")
@@ -61,35 +118,38 @@ def main(argv: list[str] | None = None) -> int:
         if args.demo:
             from .demo import demo_fleet
             with demo_fleet(config):
-                return _start(config, fd, args.config, workers)
-        return _start(config, fd, args.config, workers)
+                return _start(config, fd, loader, workers, demo=True)
+        return _start(config, fd, loader, workers)
     except KeyboardInterrupt:
         return 0
 
 
-def _start(config: Config, fd: FdLimit, config_path: str, workers: int) -> int:
+def _start(config: Config, fd: FdLimit, loader: Loader, workers: int, demo: bool = False) -> int:
     if workers <= 1:
-        return _run(config, fd, config_path)
+        return _run(config, fd, loader, demo=demo)
     from .supervisor import supervise
-    return supervise(config, workers, lambda cfg: _run(cfg, fd, config_path, reuse_port=True),
-                     lambda: _load_for_reload(config_path))
+    return supervise(config, workers,
+                     lambda cfg: _run(cfg, fd, loader, reuse_port=True, demo=demo),
+                     lambda: _load_for_reload(loader))
 
 
-def _load_for_reload(config_path: str) -> Config | None:
+def _load_for_reload(loader: Loader) -> Config | None:
     try:
-        return load(config_path)
+        return loader.load()
     except ConfigError:
         return None   # each worker logs why it refused the same file
 
 
-def _run(config: Config, fd: FdLimit, config_path: str, reuse_port: bool = False) -> int:
+def _run(config: Config, fd: FdLimit, loader: Loader, reuse_port: bool = False,
+         demo: bool = False) -> int:
     import uvloop  # imported late so --check works without the event loop
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(_serve(config, fd, config_path, reuse_port))
+        return runner.run(_serve(config, fd, loader, reuse_port, demo))
 
 
-async def _serve(config: Config, fd: FdLimit, config_path: str, reuse_port: bool) -> int:
+async def _serve(config: Config, fd: FdLimit, loader: Loader, reuse_port: bool,
+                 demo: bool) -> int:
     from .balancer import Balancer
 
     loop = asyncio.get_running_loop()
@@ -123,7 +183,8 @@ async def _serve(config: Config, fd: FdLimit, config_path: str, reuse_port: bool
     # (see supervisor.py): any that came meanwhile are delivered now.
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_stop)
-    loop.add_signal_handler(signal.SIGHUP, lambda: _reload(balancer, config_path))
+    reloader = _Reloader(balancer, loader, loop)
+    loop.add_signal_handler(signal.SIGHUP, reloader.request)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED_SIGNALS)
     try:
         balancer.start(reuse_port=reuse_port)
@@ -131,6 +192,10 @@ async def _serve(config: Config, fd: FdLimit, config_path: str, reuse_port: bool
         log.error("cannot listen on %s:%d: %s", config.listen.host, config.listen.port,
                   exc.strerror or exc)
         return 1
+    if demo and balancer.worker <= 1:
+        from .demo import what_to_try
+        for line in what_to_try(config, balancer.address[1]):   # only now: the port is open
+            log.info("%s", line)
     await stop.wait()
     await _drain(balancer, signals)
     log.info("stopping")
@@ -138,14 +203,44 @@ async def _serve(config: Config, fd: FdLimit, config_path: str, reuse_port: bool
     return 0
 
 
-def _reload(balancer, config_path: str) -> None:
-    """SIGHUP: apply the file as it is now, or keep the old configuration."""
-    try:
-        new = load(config_path)
-    except ConfigError as exc:
-        log.error("reload rejected, still running the previous configuration: %s", exc)
-        return
-    balancer.reload(new)
+class _Reloader:
+    """SIGHUP: read and check the file off the event loop, so a file that is
+    slow, huge or not a file at all cannot stall traffic; apply it only if
+    it is good, else keep running the previous configuration.  A SIGHUP
+    while a reload is under way runs one more after it."""
+
+    def __init__(self, balancer, loader: Loader, loop: asyncio.AbstractEventLoop):
+        self.balancer, self.loader, self.loop = balancer, loader, loop
+        self.running = False
+        self.again = False
+
+    def request(self) -> None:
+        if self.running:
+            self.again = True
+            return
+        self.running = True
+        future = self.loop.run_in_executor(None, self.loader.load)
+        future.add_done_callback(self._loaded)
+
+    def _loaded(self, future: asyncio.Future) -> None:
+        self.running = False
+        try:
+            new = future.result()
+        except ConfigError as exc:
+            log.error("reload refused, still running the previous configuration: %s", exc)
+        except BaseException as exc:   # whatever it was, traffic goes on as before
+            log.error("reload refused, still running the previous configuration: %s",
+                      type(exc).__name__)
+        else:
+            for warning in (*new.warnings, *environment_warnings(new, os.environ)):
+                log.warning("config: %s", warning)
+            try:
+                self.balancer.reload(new)
+            except Exception as exc:
+                log.error("reload failed while applying it (%s): %s", type(exc).__name__, exc)
+        if self.again:
+            self.again = False
+            self.request()
 
 
 async def _drain(balancer, signals: dict) -> None:

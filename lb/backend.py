@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import deque
 
 from .config import Active, BackendConfig, Passive
 from .health import Health
@@ -27,9 +28,22 @@ class Backend:
         self.pool = pool
         self.health = Health(passive, active, slow_start)
         self.in_flight = 0          # requests holding this backend, connecting included
+        # For telling a busy backend from a dead one (health.probe_inconclusive): when each
+        # request in flight took its slot, oldest first (a release drops the oldest: exact
+        # for the blocking servers this is for, which finish in arrival order), and when the
+        # backend last answered a request.  Kept by the scheduler.
+        self.in_flight_since: deque[float] = deque()
+        self.last_answer: float | None = None
         self.peak_in_flight = 0
-        self.requests = 0           # requests sent here (attempts, retries included)
+        # Attempts sent here: retries and two-step audio GETs (which take no
+        # slot) included.  Each ends exactly once, so at every moment
+        #     requests == sum(responses) + no_response + abandoned + under_way
+        # (`failures` also counts failures after a response head came).
+        self.requests = 0
         self.responses = {"1xx": 0, "2xx": 0, "3xx": 0, "4xx": 0, "5xx": 0}
+        self.no_response = 0        # attempts that failed before a response head
+        self.abandoned = 0          # given up before a response head: client left, bad body
+        self.under_way = 0          # attempts not ended yet (unlike in_flight, GETs too)
         self.failures = dict.fromkeys(FAILURE_KINDS, 0)
         self.last_error: tuple[float, str] | None = None
         self.bytes_sent = 0         # request bodies forwarded to the backend
@@ -47,13 +61,33 @@ class Backend:
         self.health.slow_start = slow_start
         if not cfg.health_path:
             self.health.probe_up = None   # no probes now: no verdict holds it out
+            self.health.probe_busy = False
+
+    def attempt_started(self, *, took_slot: bool) -> None:
+        """An attempt goes out; one that took a slot was counted in `requests`
+        by the scheduler as it took it."""
+        if not took_slot:
+            self.requests += 1
+        self.under_way += 1
 
     def record_response(self, status: int) -> None:
+        """The attempt's response head came: it ends here."""
+        self.under_way -= 1
         self.responses[f"{min(status // 100, 5)}xx"] += 1
 
-    def record_failure(self, kind: str, reason: str) -> None:
+    def record_failure(self, kind: str, reason: str, *, ends_attempt: bool = True) -> None:
+        """`ends_attempt`: False for a failure after the response head (the
+        attempt was counted under `responses` then)."""
         self.failures[kind] += 1
         self.last_error = (time.time(), reason)
+        if ends_attempt:
+            self.under_way -= 1
+            self.no_response += 1
+
+    def record_abandoned(self) -> None:
+        """The attempt was given up before its response head, not for the backend's fault."""
+        self.under_way -= 1
+        self.abandoned += 1
 
     def snapshot(self, now: float) -> dict:
         health = self.health
@@ -69,6 +103,9 @@ class Backend:
             "weight": self.weight,
             "requests": self.requests,
             "responses": dict(self.responses),
+            "no_response": self.no_response,
+            "abandoned": self.abandoned,
+            "under_way": self.under_way,
             "failures": dict(self.failures),
             "errors": sum(self.failures.values()),
             "last_error": None if self.last_error is None else {
@@ -79,6 +116,7 @@ class Backend:
             "probe": None if not self.health_path else {
                 "path": self.health_path,
                 "up": health.probe_up,
+                "busy": health.probe_busy,
                 "last": health.probe_reason,
             },
             "bytes_sent": self.bytes_sent,

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import h11
 import orjson
 
-from . import accesslog, endpoints
+from . import accesslog, endpoints, logsetup
 from .backend import Backend
 from .cartesia import CartesiaClient
 from .expiring import ExpiringMap
@@ -24,6 +24,7 @@ from .fallback import Fallback
 from .client import ClientConnection
 from .config import BackendConfig, Config
 from .fdlimit import FdLimit, connection_cap
+from .latency import FALLBACK_BACKEND, NO_BACKEND_LABEL, OTHER_KIND, LatencyBook
 from .listener import Listener, open_socket, somaxconn
 from . import policy as policies
 from .pool import UpstreamPool
@@ -57,7 +58,9 @@ class Balancer:
         self.by_name = {b.name: b for b in self.backends}
         self.connections: set[ClientConnection] = set()
         self.draining = False
-        self.worker = int(os.environ.get(WORKER_ENV, "0"))   # 0: the only process
+        # 0: the only process.  Only the supervisor sets it; anything else is 0.
+        number = os.environ.get(WORKER_ENV, "0")
+        self.worker = int(number) if number.isdigit() and len(number) < 5 else 0
         self.policy = policies.make(config.balancer.policy)
         self.scheduler = Scheduler(self.backends, self.policy,
                                    queue_limit=config.balancer.queue_limit,
@@ -66,6 +69,7 @@ class Balancer:
         self.retry = RetryBudget(config.retry)
         # TTS calls by path, and what the Cartesia fallback needs.
         self.routes = _routes(config)
+        self.latency = LatencyBook(*_latency_labels(config))
         self.affinity: ExpiringMap[str] = ExpiringMap(max_items=AFFINITY_ITEMS, ttl=AUDIO_TTL)
         self.audio: ExpiringMap[bytes] = ExpiringMap(max_items=AUDIO_ITEMS, ttl=AUDIO_TTL,
                                                      max_bytes=AUDIO_BYTES, size=len)
@@ -146,8 +150,9 @@ class Balancer:
 
     def _start_prober(self, backend: Backend) -> None:
         if backend.health_path:
-            self._probers[backend.name] = Prober(backend, self.scheduler, self.config.active,
-                                                 self.loop)
+            self._probers[backend.name] = Prober(
+                backend, self.scheduler, self.config.active, self.loop,
+                first_byte=self.config.timeouts.first_byte)
 
     # --- SIGTERM: finish what is under way, take nothing new
 
@@ -180,7 +185,7 @@ class Balancer:
                 log.warning("reload: %s changed, which takes effect only after a restart", what)
         self.config = new
         self._access = new.log.access
-        logging.getLogger().setLevel(new.log.level.upper())
+        logsetup.set_level(new.log.level)
         # Backends: same name and URL -> kept, with its state, and the new
         # limit, weight and probe; otherwise removed (drained: what it holds
         # finishes, nothing new goes there) and/or added.
@@ -213,6 +218,7 @@ class Balancer:
                                    queue_limit=new.balancer.queue_limit, passive=new.passive)
         self.retry.cfg = new.retry
         self.routes = _routes(new)
+        self.latency.relabel(*_latency_labels(new))
         if old.cartesia != new.cartesia:
             # Calls already with Cartesia keep the client they started with.
             self.fallback = self._make_fallback(new)
@@ -306,17 +312,31 @@ class Balancer:
         client.send_error(status, reason, request_id, close=True)
 
     def request_finished(self, exchange: "Exchange") -> None:
+        """A proxied request ended: counted, timed (the balancer's own
+        endpoints and refused requests are counted, not timed: a scrape every
+        few seconds would swamp the latency of TTS calls), logged."""
+        now = time.monotonic()
         backend = (exchange.served_by or
-                   (exchange.backend.name if exchange.backend is not None else "-"))
-        self._count(exchange.request, exchange.request_id, exchange.status, backend,
+                   (exchange.backend.name if exchange.backend is not None else NO_BACKEND_LABEL))
+        duration = now - exchange.started
+        ttfb, status = exchange.ttfb, exchange.status
+        first_byte = ttfb
+        if ttfb is None and status != 499:
+            # An answer the balancer made itself (a 503, a 502) goes out
+            # whole as the request ends; a client that left first got no byte.
+            first_byte = duration
+        self.latency.observe(backend, exchange.kind or OTHER_KIND, now, duration, first_byte,
+                             # a two-step audio GET never asks the scheduler
+                             exchange.queued_for if exchange.pinned is None else None)
+        self._count(exchange.request, exchange.request_id, status, backend,
                     exchange.started, exchange.note, bytes_in=exchange.bytes_in,
-                    bytes_out=exchange.bytes_out, ttfb=exchange.ttfb, tried=exchange.tried,
-                    why=exchange.why, queued=exchange.queued_for)
+                    bytes_out=exchange.bytes_out, ttfb=ttfb, tried=exchange.tried,
+                    why=exchange.why, queued=exchange.queued_for, now=now)
 
     def _count(self, request: h11.Request | None, request_id: str, status: int, backend: str,
                started: float, note: str, *, bytes_in: int = 0, bytes_out: int = 0,
                ttfb: float | None = None, tried: list[str] = (), why: list[str] = (),
-               queued: float = 0.0) -> None:
+               queued: float = 0.0, now: float | None = None) -> None:
         self.requests_total += 1
         self.by_status[status] += 1
         if self._access:
@@ -325,8 +345,8 @@ class Balancer:
                 method=request.method if request is not None else b"-",
                 target=request.target if request is not None else b"-",
                 status=status, backend=backend, bytes_in=bytes_in, bytes_out=bytes_out,
-                ttfb=ttfb, total=time.monotonic() - started, note=note, tried=tried,
-                why=why, queued=queued))
+                ttfb=ttfb, total=(time.monotonic() if now is None else now) - started,
+                note=note, tried=tried, why=why, queued=queued))
 
     # --- reporting
 
@@ -354,6 +374,8 @@ class Balancer:
             "retry": self.retry.snapshot(),
             "fallback": self.fallback_snapshot(),
             "backends": [b.snapshot(now) for b in self.backends],
+            "backend_counts": BACKEND_COUNTS,
+            "latency": self.latency.snapshot(now),
         }
 
     def fallback_snapshot(self) -> dict:
@@ -370,3 +392,19 @@ class Balancer:
 def _routes(config: Config) -> dict[bytes, str]:
     """TTS calls by path: their kind (what the Cartesia fallback translates)."""
     return {r.path.encode("ascii"): r.kind for r in config.routes}
+
+
+def _latency_labels(config: Config) -> tuple[list[str], list[str]]:
+    """The backend and kind labels of the latency series, made up front so
+    every one is in /metrics (at 0) from the first scrape."""
+    backends = [b.name for b in config.backends] + [NO_BACKEND_LABEL]
+    if config.cartesia.enabled:
+        backends.append(FALLBACK_BACKEND)
+    kinds = sorted({r.kind for r in config.routes}) + [OTHER_KIND]
+    return backends, kinds
+
+
+# How a backend's counters in /lb-stats add up (see Backend.__init__).
+BACKEND_COUNTS = ("requests == sum(responses) + no_response + abandoned + under_way, "
+                  "at every moment; requests counts attempts (retries and two-step audio "
+                  "GETs included); failures also counts those after a response head came")

@@ -9,7 +9,14 @@ until the balancer restarts with a fixed key.
 
 The API key comes from the environment variable named in the configuration
 and is only ever written into the request header: never into a log line,
-an error, /lb-stats or an exception message.
+an error, /lb-stats or an exception message.  It is registered with
+`redact` as soon as it is read, so every log line is masked for it.
+
+Nothing Cartesia sends reaches a caller: a CartesiaError's `reason` (what the
+caller, the access log and /health see) is fixed text of ours.  What the other
+side said -- its error body, the h11 error that quotes a malformed status or
+header line, which may echo the request's Authorization header -- is the
+error's `detail`, masked, escaped and cut short, and is only logged here.
 """
 
 from __future__ import annotations
@@ -26,25 +33,59 @@ from urllib.parse import urlsplit
 
 import h11
 
+from . import redact
 from .config import Cartesia
 
 log = logging.getLogger("lb")
 
 READ_SIZE = 65536
 MAX_ERROR_BODY = 4096
+MAX_LOGGED_DETAIL = 300          # characters of what Cartesia said, in the log
 THROTTLE_WAIT = (0.1, 0.5)       # seconds to wait after a 429, jittered
 BEARER_SINCE = "2025-04-16"      # versions from this date authenticate with a Bearer token
 UNUSABLE = (401, 402, 403)
 
+# Cartesia requests by outcome (CartesiaClient.outcomes), besides
+# http_outcome(NNN) for a status other than 200.
+OUTCOME_OK = "ok"
+OUTCOME_THROTTLED = "throttled"       # a 429, waited out and sent again
+OUTCOME_TIMEOUT = "timeout"
+OUTCOME_TLS = "tls"
+OUTCOME_UNREACHABLE = "unreachable"
+OUTCOME_INVALID = "invalid_response"  # an answer h11 could not parse
+
+
+def http_outcome(status: int) -> str:
+    return f"http_{status}"
+
+
+# What /metrics shows from the start: the named ones and the statuses a plan or key
+# problem (UNUSABLE) or a full plan (429) answer.
+OUTCOMES = (OUTCOME_OK, OUTCOME_THROTTLED, OUTCOME_TIMEOUT, OUTCOME_TLS, OUTCOME_UNREACHABLE,
+            OUTCOME_INVALID,
+            *(http_outcome(s) for s in (*UNUSABLE, 429)))
+
 
 class CartesiaError(Exception):
     """A fallback call that did not produce audio; `status` is what Cartesia
-    answered (0 when it could not be reached or timed out)."""
+    answered (0 when it could not be reached or timed out).  `reason` is our
+    own words, safe to show a caller; `detail` is what Cartesia said (already
+    passed through `loggable`), for the log only."""
 
-    def __init__(self, status: int, reason: str):
+    def __init__(self, status: int, reason: str, detail: str = ""):
         super().__init__(reason)
         self.status = status
         self.reason = reason
+        self.detail = detail
+
+
+def loggable(text: str) -> str:
+    """Text from the other side, fit for one log line: control characters
+    escaped (a newline in it must not forge a line), secrets masked, cut short."""
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    text = redact.mask(text)
+    return text if len(text) <= MAX_LOGGED_DETAIL else text[:MAX_LOGGED_DETAIL] + "..."
 
 
 class CartesiaClient:
@@ -59,6 +100,8 @@ class CartesiaClient:
         if self.tls:
             self._ssl = ssl.create_default_context(cafile=cfg.ca_file or None)
         key = (os.environ if environ is None else environ).get(cfg.api_key_env, "").strip()
+        if key:
+            redact.register(key)   # before anything could log it
         self._key = key
         self.unusable_reason = ""
         if not key:
@@ -70,7 +113,7 @@ class CartesiaClient:
         self._slots = asyncio.Semaphore(cfg.max_concurrency)
         self.in_flight = 0
         self.calls = 0
-        self.outcomes: Counter[str] = Counter()     # ok, throttled, http_NNN, unreachable, timeout
+        self.outcomes: Counter[str] = Counter()     # by OUTCOME_* and http_outcome()
         self.characters = 0                           # transcript characters of calls that produced audio
         self._rng = random.Random()
 
@@ -96,7 +139,7 @@ class CartesiaClient:
         try:
             await asyncio.wait_for(self._slots.acquire(), max(0.0, remaining))
         except asyncio.TimeoutError:
-            self.outcomes["timeout"] += 1
+            self.outcomes[OUTCOME_TIMEOUT] += 1
             raise CartesiaError(0, f"Cartesia: all {self.cfg.max_concurrency} slots of the plan "
                                 "stayed busy until the call's deadline "
                                 "(fallback.cartesia.max_concurrency)") from None
@@ -107,14 +150,14 @@ class CartesiaClient:
                 try:
                     status, head_done = await self._head(conn, reader, deadline)
                     if status == 429 and time.monotonic() + THROTTLE_WAIT[1] < deadline:
-                        self.outcomes["throttled"] += 1
+                        self.outcomes[OUTCOME_THROTTLED] += 1
                         writer.transport.abort()
                         await asyncio.sleep(self._rng.uniform(*THROTTLE_WAIT))
                         continue
                     if status != 200:
                         detail = await self._error_body(conn, reader, deadline)
                         self._refused(status, detail)
-                    self.outcomes["ok"] += 1
+                    self.outcomes[OUTCOME_OK] += 1
                     self.characters += characters
                     async for chunk in self._body(conn, reader, deadline):
                         yield chunk
@@ -132,14 +175,14 @@ class CartesiaClient:
                                         server_hostname=self.host if self.tls else None),
                 max(0.0, deadline - time.monotonic()))
         except asyncio.TimeoutError:
-            self.outcomes["timeout"] += 1
+            self.outcomes[OUTCOME_TIMEOUT] += 1
             raise CartesiaError(0, f"Cartesia at {self.cfg.url} did not accept a connection "
                                 "in time") from None
         except ssl.SSLError as exc:
-            self.outcomes["tls"] += 1
+            self.outcomes[OUTCOME_TLS] += 1
             raise CartesiaError(0, f"Cartesia at {self.cfg.url}: TLS failed ({exc.reason})") from None
         except OSError as exc:
-            self.outcomes["unreachable"] += 1
+            self.outcomes[OUTCOME_UNREACHABLE] += 1
             raise CartesiaError(0, f"cannot connect to Cartesia at {self.cfg.url}: "
                                 f"{exc.strerror or exc}") from None
         conn = h11.Connection(h11.CLIENT)
@@ -159,18 +202,24 @@ class CartesiaClient:
             try:
                 event = conn.next_event()
             except h11.RemoteProtocolError as exc:
-                raise CartesiaError(0, f"Cartesia sent an invalid response: {exc}") from None
+                # h11's message quotes the bytes it could not parse: a status or
+                # header line that may echo our Authorization header.
+                self.outcomes[OUTCOME_INVALID] += 1
+                detail = loggable(str(exc))
+                log.warning("Cartesia sent an invalid response: %s", detail)
+                raise CartesiaError(0, "Cartesia sent an invalid response", detail) from None
             if event is not h11.NEED_DATA:
                 return event
             try:
                 data = await asyncio.wait_for(reader.read(READ_SIZE),
                                               max(0.0, deadline - time.monotonic()))
             except asyncio.TimeoutError:
-                self.outcomes["timeout"] += 1
+                self.outcomes[OUTCOME_TIMEOUT] += 1
                 raise CartesiaError(0, f"Cartesia did not finish within "
                                     f"{self.cfg.timeout:g}s (fallback.cartesia.timeout)") from None
             except OSError as exc:
-                raise CartesiaError(0, f"Cartesia connection failed: {exc}") from None
+                raise CartesiaError(0, f"Cartesia connection failed: "
+                                    f"{exc.strerror or type(exc).__name__}") from None
             conn.receive_data(data)
 
     async def _head(self, conn, reader, deadline) -> tuple[int, bool]:
@@ -200,20 +249,20 @@ class CartesiaClient:
             pass
         return out[:MAX_ERROR_BODY].decode("utf-8", "replace").strip()
 
-    def _refused(self, status: int, detail: str) -> None:
+    def _refused(self, status: int, body: str) -> None:
         """Cartesia said no.  Its words go to the log only (masked): callers and
         the unauthenticated /health see the status."""
-        self.outcomes[f"http_{status}"] += 1
-        detail = detail.replace(self._key, "[key]") if self._key else detail
+        self.outcomes[http_outcome(status)] += 1
+        detail = loggable(body)
         reason = f"Cartesia answered {status}"
         if status in UNUSABLE:
             self.unusable_reason = reason
             log.error("Cartesia fallback is unusable until the key or plan is fixed: %s: %s",
-                      reason, detail[:300])
+                      reason, detail)
             reason += " (the fallback is unusable until the key or plan is fixed)"
         else:
-            log.warning("Cartesia fallback call refused: %s: %s", reason, detail[:300])
-        raise CartesiaError(status, reason)
+            log.warning("Cartesia fallback call refused: %s: %s", reason, detail)
+        raise CartesiaError(status, reason, detail)
 
     def snapshot(self) -> dict:
         return {

@@ -44,7 +44,6 @@ def demo_fleet(config: Config) -> Iterator[None]:
                 raise SystemExit(f"lb: demo backend for {backend.name} did not start on port "
                                  f"{backend.port}: {last[0]}")
             log.info("demo backend %s started: %s (pid %d)", backend.name, backend.url, child.pid)
-        _show_what_to_try(config)
         yield
     finally:
         for child in children:
@@ -74,12 +73,14 @@ def _until_listening(child: subprocess.Popen) -> str | None:
     return seen.decode("utf-8", "replace")
 
 
-def _show_what_to_try(config: Config) -> None:
+def what_to_try(config: Config, port: int) -> list[str]:
+    """Printed once the balancer listens on `port` (the one it bound, which
+    listen.address may leave to the kernel), so the first curl finds it."""
     host = config.listen.host
-    host = "127.0.0.1" if host in ("0.0.0.0", "") else "[::1]" if host == "::" else host
-    base = f"http://{host}:{config.listen.port}"
-    for line in (
+    host = ("127.0.0.1" if host in ("0.0.0.0", "") else "[::1]" if host == "::" else
+            f"[{host}]" if ":" in host else host)
+    base = f"http://{host}:{port}"
+    return [
             f"demo: try  curl -s -XPOST {base}/synthesize-json -d '{{\"text\":\"Hello there.\"}}'",
             f"demo: then curl -s -o hello.wav {base}<the audio_url it answered>",
-            f"demo: and  curl -s {base}/lb-stats ; curl -s {base}/metrics"):
-        log.info("%s", line)
+            f"demo: and  curl -s {base}/lb-stats ; curl -s {base}/metrics"]

@@ -9,7 +9,6 @@ backend work.
 
 from __future__ import annotations
 
-import html
 import ipaddress
 import time
 from typing import TYPE_CHECKING, Callable
@@ -18,10 +17,16 @@ import h11
 import orjson
 
 from . import headers as hdr
+from . import stats_page
+from .cartesia import OUTCOMES
+from .exchange import FALLBACK_REASONS
 from .health import ADMIN_STATES
+from .latency import BOUNDS, LatencyBook
+from .retry import DENIAL_REASONS, retry_reasons, status_reason
 
 if TYPE_CHECKING:
     from .balancer import Balancer
+    from .config import Config
 
 JSON = b"application/json"
 Handler = Callable[["Balancer", h11.Request, str], tuple[int, bytes, bytes]]
@@ -53,46 +58,29 @@ def health(balancer: "Balancer", request: h11.Request, peer: str) -> tuple[int, 
 def lb_stats(balancer: "Balancer", request: h11.Request, peer: str) -> tuple[int, bytes, bytes]:
     stats = balancer.snapshot()
     if hdr.wants_html(request.headers):
-        return 200, b"text/html; charset=utf-8", _stats_html(stats).encode("utf-8")
+        return 200, b"text/html; charset=utf-8", stats_page.render(stats).encode("utf-8")
     return 200, JSON, orjson.dumps(stats, option=orjson.OPT_INDENT_2)
 
 
-def _stats_html(stats: dict) -> str:
-    rows = []
-    for b in stats["backends"]:
-        last = b["last_error"]["reason"] if b["last_error"] else ""
-        state = b["state"].upper()
-        colour = {"up": "#2a2", "slow-start": "#2a2", "half-open": "#c80",
-                  "draining": "#c80", "drained": "#888", "maint": "#888"}.get(b["state"], "#c22")
-        rows.append(
-            f"<tr><td>{html.escape(b['name'])}</td><td>{html.escape(b['url'])}</td>"
-            f"<td style='color:{colour}'><b>{state}</b></td>"
-            f"<td>{b['in_flight']} / {b['limit_now']}</td><td>{b['peak_in_flight']}</td>"
-            f"<td>{b['requests']}</td><td>{b['errors']}</td><td>{html.escape(last)}</td></tr>")
-    conns = stats["connections"]
-    return (
-        "<!doctype html><html><head><meta charset='utf-8'><title>tts-lb stats</title>"
-        "<style>body{font-family:sans-serif}td,th{padding:4px 10px;border-bottom:1px solid #ddd}"
-        "</style></head><body><h1>tts-lb</h1>"
-        f"<p>pid {stats['pid']} &middot; up {stats['uptime_s']:.0f}s &middot; "
-        f"{conns['open']} of {conns['max']} connections &middot; "
-        f"{stats['requests']['total']} requests</p>"
-        f"<p>policy {stats['policy']} &middot; queue {stats['queue']['length']} of "
-        f"{stats['queue']['limit']} &middot; retries {stats['retry']['retries']}</p>"
-        "<table><tr><th>backend</th><th>url</th><th>state</th><th>active requests / limit</th>"
-        "<th>peak</th>"
-        "<th>requests</th><th>errors</th><th>last error</th></tr>"
-        + "".join(rows) + "</table></body></html>")
-
-
 def metrics(balancer: "Balancer", request: h11.Request, peer: str) -> tuple[int, bytes, bytes]:
+    """Prometheus text format.  Every labelled family the balancer knows of
+    has each of its label values from the first scrape, at 0 until it
+    happens, so an alert on it has a series to look at.  Label values need
+    no escaping: backend names are letters, digits, '.', '_' and '-', and
+    the rest are the balancer's own words."""
     stats = balancer.snapshot()
+    config = balancer.config
     out: list[str] = []
 
     def family(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
         out.append(f"# HELP tts_lb_{name} {help_text}")
         out.append(f"# TYPE tts_lb_{name} {kind}")
         out.extend(f"tts_lb_{name}{labels} {value}" for labels, value in samples)
+
+    def by(label: str, counts: dict, known) -> list[tuple[str, float]]:
+        """One sample per known value (0 if not counted yet) and per counted one."""
+        names = dict.fromkeys(known, 0) | counts
+        return [(f'{{{label}="{key}"}}', n) for key, n in sorted(names.items())]
 
     conns, reqs = stats["connections"], stats["requests"]
     family("connections_open", "gauge", "Client connections open.", [("", conns["open"])])
@@ -104,7 +92,7 @@ def metrics(balancer: "Balancer", request: h11.Request, peer: str) -> tuple[int,
     family("requests_total", "counter", "Requests received from clients.", [("", reqs["total"])])
     family("requests_finished_total", "counter",
            "Requests finished, by the status the client got (499: it left first).",
-           [(f'{{code="{code}"}}', n) for code, n in sorted(reqs["by_status"].items())])
+           by("code", reqs["by_status"], (str(code) for code in COMMON_STATUSES)))
     backends = stats["backends"]
 
     def per_backend(key: str) -> list[tuple[str, float]]:
@@ -120,23 +108,22 @@ def metrics(balancer: "Balancer", request: h11.Request, peer: str) -> tuple[int,
             ('{reason="timeout"}', queue["timed_out"]),
             ('{reason="no_backend"}', queue["no_backend"])])
     family("retries_total", "counter", "Retries on another backend, by why.",
-           [(f'{{reason="{why}"}}', n) for why, n in sorted(retry["by_reason"].items())])
+           by("reason", retry["by_reason"], retry_reasons(config.retry.statuses)))
     family("retries_denied_total", "counter", "Retries wanted but not made, by why.",
-           [(f'{{reason="{why}"}}', n) for why, n in sorted(retry["not_retried"].items())])
+           by("reason", retry["not_retried"], DENIAL_REASONS))
     fallback = stats["fallback"]
     family("fallback_usable", "gauge", "1 if the Cartesia fallback can take calls.",
            [("", int(fallback["usable"]))])
     family("fallback_total", "counter", "Calls handed to Cartesia, by why.",
-           [(f'{{reason="{why}"}}', n)
-            for why, n in sorted(fallback.get("by_reason", {}).items())])
+           by("reason", fallback.get("by_reason", {}),
+              [*FALLBACK_REASONS, *(status_reason(s) for s in _fallback_statuses(config))]))
     family("fallback_characters_total", "counter",
            "Transcript characters sent to Cartesia (what it bills).",
            [("", fallback.get("characters", 0))])
     family("fallback_outcomes_total", "counter", "Cartesia requests by outcome.",
-           [(f'{{outcome="{what}"}}', n)
-            for what, n in sorted(fallback.get("outcomes", {}).items())])
+           by("outcome", fallback.get("outcomes", {}), OUTCOMES))
     family("backend_up", "gauge", "1 if the backend is in the rotation.",
-           [(f'{{backend="{b["name"]}"}}', int(b["state"] in ("up", "slow-start", "half-open")))
+           [(f'{{backend="{b["name"]}"}}', int(b["state"] in ("up", "busy", "slow-start", "half-open")))
             for b in backends])
     family("backend_state", "gauge", "The backend's state (1 for the current one).",
            [(f'{{backend="{b["name"]}",state="{st}"}}', int(b["state"] == st))
@@ -149,10 +136,20 @@ def metrics(balancer: "Balancer", request: h11.Request, peer: str) -> tuple[int,
     family("backend_peak_in_flight", "gauge", "Most requests ever held at once.",
            per_backend("peak_in_flight"))
     family("backend_in_flight", "gauge", "Requests holding the backend now.", per_backend("in_flight"))
-    family("backend_requests_total", "counter", "Requests sent to the backend.", per_backend("requests"))
+    family("backend_requests_total", "counter",
+           "Attempts sent to the backend (retries and two-step audio GETs included): the sum "
+           "of responses, unanswered and attempts under way.", per_backend("requests"))
     family("backend_responses_total", "counter", "Backend responses by status class.",
            [(f'{{backend="{b["name"]}",class="{cls}"}}', n)
             for b in backends for cls, n in b["responses"].items()])
+    family("backend_unanswered_total", "counter",
+           "Attempts that ended with no response head: no_response (the backend failed), "
+           "abandoned (the client left, or its request body broke).",
+           [(f'{{backend="{b["name"]}",reason="{why}"}}', b[why])
+            for b in backends for why in ("no_response", "abandoned")])
+    family("backend_attempts_under_way", "gauge",
+           "Attempts sent to the backend and not ended (two-step audio GETs included).",
+           per_backend("under_way"))
     family("backend_failures_total", "counter", "Backend failures by kind.",
            [(f'{{backend="{b["name"]}",kind="{kind}"}}', n)
             for b in backends for kind, n in b["failures"].items()])
@@ -162,7 +159,42 @@ def metrics(balancer: "Balancer", request: h11.Request, peer: str) -> tuple[int,
            per_backend("bytes_received"))
     family("backend_pool_idle", "gauge", "Idle pooled connections.",
            [(f'{{backend="{b["name"]}"}}', b["pool"]["idle"]) for b in backends])
+    for metric, name, help_text in LATENCY_FAMILIES:
+        _histogram(out, name, help_text, metric, balancer.latency)
     return 200, b"text/plain; version=0.0.4; charset=utf-8", ("\n".join(out) + "\n").encode()
+
+
+# Histograms of proxied requests (not the balancer's own endpoints), by the
+# backend that answered ("cartesia": the fallback; "-": none, e.g. a 503
+# when the queue was full) and the kind of its [[route]] ("other": none).
+LATENCY_FAMILIES = (
+    ("duration", "request_duration_seconds",
+     "Proxied requests, from request head to the end of the answer."),
+    ("first_byte", "first_byte_seconds",
+     "Proxied requests, from request head to the first response byte sent to the caller."),
+    ("queue_wait", "queue_wait_seconds",
+     "Seconds waited in the queue by requests that asked for a backend slot (0: none waited)."),
+)
+_LE = [f'le="{bound}"' for bound in BOUNDS] + ['le="+Inf"']
+
+
+def _histogram(out: list[str], name: str, help_text: str, metric: str,
+               book: LatencyBook) -> None:
+    out.append(f"# HELP tts_lb_{name} {help_text}")
+    out.append(f"# TYPE tts_lb_{name} histogram")
+    for backend, kind, series in book.series():
+        hist = getattr(series, metric)
+        labels = f'backend="{backend}",kind="{kind}"'
+        cumulative = hist.cumulative()
+        out.extend(f"tts_lb_{name}_bucket{{{labels},{le}}} {n}"
+                   for le, n in zip(_LE, cumulative))
+        out.append(f"tts_lb_{name}_sum{{{labels}}} {hist.sum!r}")
+        out.append(f"tts_lb_{name}_count{{{labels}}} {cumulative[-1]}")
+
+
+def _fallback_statuses(config: "Config") -> list[int]:
+    """The 5xx answers a call most likely falls back after (any 5xx can)."""
+    return sorted({500, 502, 503, 504, *config.retry.statuses, *config.passive.statuses})
 
 
 def admin(balancer: "Balancer", request: h11.Request, peer: str) -> tuple[int, bytes, bytes]:
@@ -194,8 +226,11 @@ def _allowed(peer: str, networks: tuple) -> bool:
 
 
 _READ = (b"GET", b"HEAD")
+# requests_finished_total shows these from the start: success, and what
+# the balancer answers itself.
+COMMON_STATUSES = (200, 400, 404, 405, 408, 413, 431, 499, 500, 502, 503, 504)
 BACKEND_STATES = ("up", "slow-start", "half-open", "ejected", "down", "draining", "drained",
-                  "maint")
+                  "maint", "busy")
 
 ROUTES: dict[bytes, Route] = {
     b"/health": (health, _READ),

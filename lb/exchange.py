@@ -48,7 +48,8 @@ from . import headers as hdr
 from . import translate
 from .backend import Backend
 from .cartesia import CartesiaError
-from .retry import RETRYABLE_KINDS
+from .latency import FALLBACK_BACKEND
+from .retry import DENIED_BODY_TOO_LARGE, DENIED_BUDGET, RETRYABLE_KINDS, status_reason
 from .scheduler import NO_BACKEND, QUEUE_FULL, Ticket
 from .timer import Deadline
 
@@ -77,6 +78,12 @@ REPLAY_WINDOW = 0.25
 # task dies in a way nobody foresaw: the request must not hang.
 CONNECT_BACKSTOP = 1.0
 
+# Why a call went to Cartesia (balancer.fallbacks; /metrics shows each from
+# the start), besides status_reason(NNN) for a backend's 5xx answer.
+QUEUE_TIMEOUT = "queue_timeout"
+FALLBACK_FAILED = "failed"        # the last attempt failed with no response
+FALLBACK_REASONS = (NO_BACKEND, QUEUE_FULL, QUEUE_TIMEOUT, FALLBACK_FAILED)
+
 _EndOfMessage = h11.EndOfMessage()
 
 
@@ -88,7 +95,7 @@ class Exchange:
                  "_upstream_request", "_sent_at", "_replaying", "_race_ok",
                  "ticket", "queued_for", "tried", "why", "_holding",
                  "_retrying", "_replay_failure", "kind", "pinned", "_fallback_task",
-                 "fallback_reason", "served_by", "_drained", "_peek", "_fallback")
+                 "fallback_reason", "served_by", "_drained", "_peek", "_fallback", "_open")
 
     def __init__(self, balancer: "Balancer", client: "ClientConnection",
                  request: h11.Request, info: hdr.RequestInfo):
@@ -114,6 +121,7 @@ class Exchange:
         self._upstream_request: h11.Request | None = None
         self._sent_at = 0.0                   # when the request went out on `upstream`
         self._holding = False                 # this attempt holds a slot on `backend`
+        self._open = False                    # this attempt has not ended in backend's counts
         self._retrying = False                # counted among the budget's retries
         self.ticket: Ticket | None = None     # our place in the queue while QUEUED
         self.queued_for = 0.0                 # seconds waited in the queue, in all
@@ -158,7 +166,7 @@ class Exchange:
         elif result == QUEUE_FULL:
             self._give_up(f"every backend is at its concurrency limit and the queue is full "
                           f"({scheduler.queue_limit} waiting, balancer.queue_limit)",
-                          "queue_full")
+                          QUEUE_FULL)
         else:
             assert result == NO_BACKEND
             self.no_backend()
@@ -172,7 +180,7 @@ class Exchange:
         """No backend is in the rotation (all ejected, down, drained or in maintenance)."""
         self._left_queue()
         self._give_up("no backend available: " + self.balancer.why_no_backend(),
-                      "no_backend")
+                      NO_BACKEND)
 
     def _left_queue(self) -> None:
         if self.ticket is not None:
@@ -189,7 +197,7 @@ class Exchange:
         self._quit_queue(timed_out=True)
         self._give_up(f"every backend stayed at its concurrency limit for "
                       f"{self.balancer.config.balancer.queue_timeout:g}s "
-                      f"(balancer.queue_timeout)", "queue_timeout")
+                      f"(balancer.queue_timeout)", QUEUE_TIMEOUT)
 
     def _give_up(self, reason: str, why: str) -> None:
         """The fleet cannot take this request now: Cartesia, if this is a TTS
@@ -197,7 +205,7 @@ class Exchange:
         else 503 with Retry-After."""
         if self.why:
             reason += " (after " + "; ".join(self.why) + ")"
-        if ((why == "no_backend" or self.balancer.config.cartesia.spillover)
+        if ((why == NO_BACKEND or self.balancer.config.cartesia.spillover)
                 and self._fall_back(503, reason, why)):
             return
         self._answer_error(503, reason, extra=[(b"retry-after", b"1")])
@@ -207,6 +215,8 @@ class Exchange:
     def _begin(self, backend: Backend, hold: bool = True) -> None:
         self.backend = backend
         self._holding = hold
+        backend.attempt_started(took_slot=hold)
+        self._open = True
         self.tried.append(backend.name)
         info = self.info
         self._upstream_request = hdr.request_event(
@@ -363,6 +373,7 @@ class Exchange:
     def upstream_response(self, response: h11.Response) -> None:
         backend = self.backend
         status = response.status_code
+        self._open = False
         backend.record_response(status)
         config = self.balancer.config
         if status in config.passive.statuses:
@@ -372,10 +383,10 @@ class Exchange:
             self.balancer.scheduler.succeeded(backend)
         if status in config.retry.statuses and self._may_retry(f"{backend.name} answered {status}"):
             self._drop_upstream()
-            self._retry(status, f"backend {backend.name} answered {status}", f"status_{status}")
+            self._retry(status, f"backend {backend.name} answered {status}", status_reason(status))
             return
         if status >= 500 and self._fall_back(status, f"backend {backend.name} answered {status}",
-                                             f"status_{status}"):
+                                             status_reason(status)):
             return
         if self.kind == "chatterbox" and status == 200:
             self._peek = bytearray()
@@ -480,14 +491,15 @@ class Exchange:
         if self.phase == DONE:
             return
         backend = self.backend
-        backend.record_failure(kind, reason)
+        backend.record_failure(kind, reason, ends_attempt=self._open)
+        self._open = False
         self.balancer.scheduler.failed(backend, local=True, reason=reason)
         if (not self.response_started and kind in RETRYABLE_KINDS
                 and self._may_retry(reason)):
             self._drop_upstream()
             self._retry(status, reason, kind)
             return
-        if not self.response_started and self._fall_back(status, reason, "failed"):
+        if not self.response_started and self._fall_back(status, reason, FALLBACK_FAILED):
             return
         self._abandon(status, reason)
 
@@ -499,18 +511,18 @@ class Exchange:
         if len(self.tried) >= retry.cfg.attempts or self.pinned is not None:
             return False
         if self._kept is None:
-            retry.denied["body_too_large"] += 1
+            retry.denied[DENIED_BODY_TOO_LARGE] += 1
             self.why.append(f"not retried: request body over retry.replay_max_bytes "
                             f"({retry.cfg.replay_max_bytes} bytes)")
             return False
         if not self._retrying and not retry.allows():
-            retry.denied["budget"] += 1
+            retry.denied[DENIED_BUDGET] += 1
             self.why.append("not retried: retry budget spent (retry.budget_percent)")
             return False
         return True
 
     def _cannot_replay(self) -> None:
-        self.balancer.retry.denied["body_too_large"] += 1
+        self.balancer.retry.denied[DENIED_BODY_TOO_LARGE] += 1
         self.why.append(f"resend given up: request body grew over retry.replay_max_bytes "
                         f"({self.balancer.config.retry.replay_max_bytes} bytes)")
         status, reason = self._replay_failure
@@ -589,7 +601,7 @@ class Exchange:
                                f"Cartesia: {exc}")
             return
         self._kept = None
-        self.served_by = "cartesia"
+        self.served_by = FALLBACK_BACKEND
         try:
             await self._fallback.answer(call, _ToClient(self))
         except ClientStalled:
@@ -679,6 +691,9 @@ class Exchange:
             retry.retrying -= 1
             retry.remember(self.request_id, self.status, self.tried, self.why)
         backend = self.backend
+        if self._open:   # given up before the backend answered: the client left, say
+            self._open = False
+            backend.record_abandoned()
         if backend is not None and not self.served_by:   # Cartesia's bytes are not its
             backend.bytes_sent += self.bytes_in
             backend.bytes_received += self.bytes_out

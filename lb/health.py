@@ -16,7 +16,21 @@ testable without sockets or sleeping.  Four things decide it:
 - active probes: `rise` passing results in a row bring a backend back,
   `fall` failing ones take it out.  The first result counts at once, so a
   server still loading its model at start-up is sent work only until its
-  first probe answers (the first probe goes out at start);
+  first probe answers (the first probe goes out at start).
+  Busy is not dead: most GPU TTS servers block their own event loop while
+  they synthesize, so their /health goes unanswered until the job is done.
+  A probe that got no answer (it connected, then timed out) while the
+  backend is visibly still working -- one of its requests was answered
+  within the last `fall` x `interval`, or the oldest request in flight there
+  is younger than `timeouts.first_byte` (it may yet be answered) -- is
+  inconclusive (`probe_inconclusive`): it changes nothing, neither counting
+  towards `fall` nor resetting the run towards `rise` (the streak stays as
+  it was, whichever way it ran), and the backend shows as "busy".  A
+  refused or timed-out connect is never inconclusive: a dead server
+  refuses, and the kernel accepts connections for a server whose event loop
+  is blocked.  A frozen server (it accepts, never answers) that keeps being
+  sent requests is passive health's to take out: each of them ends in a
+  first-byte timeout, a connection-level failure;
 - slow start: a backend coming back (readmitted, probed up, or set ready)
   ramps its concurrency limit from 1 to the full value over `slow_start`.
 
@@ -33,12 +47,29 @@ from .config import Active, Passive
 
 READY, DRAIN, MAINT = "ready", "drain", "maint"
 ADMIN_STATES = (READY, DRAIN, MAINT)
+BUSY = "busy"
+
+
+def probe_inconclusive(now: float, *, no_answer: bool, oldest_in_flight: float | None,
+                       last_answer: float | None, window: float, first_byte: float) -> bool:
+    """Does a failed probe say nothing about the backend, because it is busy?
+
+    `no_answer`: the probe connected but got no answer in time (anything else
+    -- refused, a bad answer, 503 -- is conclusive).  Only while requests are
+    in flight (`oldest_in_flight` is when the oldest took its slot) that are
+    still completing: one was answered at `last_answer` within `window`
+    (fall x interval), or the oldest is younger than `first_byte`."""
+    if not no_answer or oldest_in_flight is None:
+        return False
+    if last_answer is not None and now - last_answer <= window:
+        return True
+    return now - oldest_in_flight < first_byte
 
 
 class Health:
     __slots__ = ("passive", "active", "slow_start", "admin", "ejected", "ejected_until", "ejections",
                  "ejections_total", "trial", "local_failures", "consecutive_5xx", "probe_up",
-                 "probe_streak", "probe_reason", "ramp_start", "readmitted_at")
+                 "probe_streak", "probe_reason", "probe_busy", "ramp_start", "readmitted_at")
 
     def __init__(self, passive: Passive, active: Active, slow_start: float):
         self.passive = passive
@@ -55,6 +86,7 @@ class Health:
         self.probe_up: bool | None = None   # None: no probe verdict (off, or none yet)
         self.probe_streak = 0               # results in a row against the verdict
         self.probe_reason = ""
+        self.probe_busy = False             # the last probe was inconclusive
         self.ramp_start: float | None = None
         self.readmitted_at: float | None = None
 
@@ -175,6 +207,7 @@ class Health:
         """Count one probe result; returns "up", "down" or "readmitted" when
         that changes the backend's standing, else None."""
         self.probe_reason = reason
+        self.probe_busy = False
         if self.probe_up is None:          # the first verdict counts at once
             self.probe_up = ok
             self.probe_streak = 0
@@ -201,6 +234,14 @@ class Health:
             return "up"
         return "down"
 
+    def probe_was_busy(self, reason: str) -> bool:
+        """An inconclusive probe (see probe_inconclusive): the verdict and the
+        streak stay as they are.  Returns True if the backend just became busy."""
+        became = not self.probe_busy
+        self.probe_busy = True
+        self.probe_reason = reason
+        return became
+
     # --- the operator
 
     def set_admin(self, now: float, state: str) -> None:
@@ -217,6 +258,7 @@ class Health:
             self.local_failures = self.consecutive_5xx = 0
             self.probe_up = None
             self.probe_streak = 0
+            self.probe_busy = False
         elif state == READY and was != READY:
             self._ramp(now)
 
@@ -231,6 +273,8 @@ class Health:
             return "down"
         if self.ejected:
             return "half-open" if now >= self.ejected_until else "ejected"
+        if self.probe_busy:
+            return BUSY
         if self.ramp_start is not None and now - self.ramp_start < self.slow_start:
             return "slow-start"
         return "up"

@@ -9,6 +9,11 @@ its model is not ready -- HTTP 503 (Chatterbox's "Model not loaded"), any
 other non-2xx, or a JSON body whose "status" is something other than
 healthy/ok (chatterbox-tts-api says "initializing" while it loads) or whose
 "model_loaded" is false.
+
+A probe that connected but got no answer within `timeout` is reported as
+such (`no_answer`): a server that blocks its event loop while it
+synthesizes answers nothing until the job is done, and the scheduler tells
+busy from dead (health.probe_inconclusive, which needs timeouts.first_byte).
 """
 
 from __future__ import annotations
@@ -62,21 +67,28 @@ def _json_object(body: bytes) -> dict:
     return doc if isinstance(doc, dict) else {}
 
 
-async def probe_once(backend: "Backend", timeout: float) -> tuple[bool, str]:
+async def probe_once(backend: "Backend", timeout: float) -> tuple[bool, str, bool]:
+    """(ready?, why, no_answer): no_answer is True only for a connection that was
+    accepted and then not answered within `timeout`."""
+    connected: list[bool] = []
     try:
-        return await asyncio.wait_for(_get(backend), timeout)
+        ok, reason = await asyncio.wait_for(_get(backend, connected), timeout)
+        return ok, reason, False
     except asyncio.TimeoutError:
-        return False, f"no answer within {timeout:g}s (health.active.timeout)"
+        if connected:
+            return False, f"no answer within {timeout:g}s (health.active.timeout)", True
+        return False, f"cannot connect within {timeout:g}s (health.active.timeout)", False
     except OSError as exc:
-        return False, f"cannot connect: {exc.strerror or exc}"
+        return False, f"cannot connect: {exc.strerror or exc}", False
     except h11.RemoteProtocolError as exc:
-        return False, f"invalid answer: {exc}"
+        return False, f"invalid answer: {exc}", False
     except Exception as exc:  # the loop must go on whatever one probe met
-        return False, f"probe failed: {exc!r}"
+        return False, f"probe failed: {exc!r}", False
 
 
-async def _get(backend: "Backend") -> tuple[bool, str]:
+async def _get(backend: "Backend", connected: list[bool]) -> tuple[bool, str]:
     reader, writer = await asyncio.open_connection(backend.host, backend.port)
+    connected.append(True)
     try:
         conn = h11.Connection(h11.CLIENT)
         writer.write(conn.send(h11.Request(method="GET", target=backend.health_path, headers=[
@@ -107,10 +119,11 @@ class Prober:
     """One probe loop per backend that has a health_path."""
 
     def __init__(self, backend: "Backend", scheduler: "Scheduler", cfg: Active,
-                 loop: asyncio.AbstractEventLoop):
+                 loop: asyncio.AbstractEventLoop, *, first_byte: float):
         self.backend = backend
         self.scheduler = scheduler
         self.cfg = cfg
+        self.first_byte = first_byte   # timeouts.first_byte: a request may yet be answered
         self._task = loop.create_task(self._run())
 
     async def _run(self) -> None:
@@ -118,8 +131,9 @@ class Prober:
         rng = random.Random()
         while True:
             if backend.health.admin != MAINT:
-                ok, reason = await probe_once(backend, cfg.timeout)
-                self.scheduler.probed(backend, ok, reason)
+                ok, reason, no_answer = await probe_once(backend, cfg.timeout)
+                self.scheduler.probed(backend, ok, reason, no_answer=no_answer,
+                                      first_byte=self.first_byte)
             # A little spread so the probes of a fleet do not go out in step.
             await asyncio.sleep(cfg.interval * (0.9 + 0.2 * rng.random()))
 

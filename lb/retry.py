@@ -20,7 +20,23 @@ from .config import Retry
 RETRYABLE_KINDS = frozenset({"connect", "connect_timeout", "reset", "first_byte_timeout",
                              "bad_response"})
 
+# Why a wanted retry was not made (RetryBudget.denied; /metrics shows each from the start).
+DENIED_BODY_TOO_LARGE = "body_too_large"   # the body outgrew retry.replay_max_bytes
+DENIED_BUDGET = "budget"                   # retry.budget_percent of those under way retry already
+DENIAL_REASONS = (DENIED_BODY_TOO_LARGE, DENIED_BUDGET)
+
 RECENT = 32   # retried requests kept for /lb-stats
+
+
+def status_reason(status: int) -> str:
+    """The reason a retry, or a fallback, after a backend's `status` answer is counted under."""
+    return f"status_{status}"
+
+
+def retry_reasons(statuses) -> list[str]:
+    """Every reason RetryBudget.by_reason can count with retry.statuses = `statuses`:
+    the retryable failure kinds, and one status_NNN per status."""
+    return sorted(RETRYABLE_KINDS) + [status_reason(s) for s in sorted(statuses)]
 
 
 class RetryBudget:

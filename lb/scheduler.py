@@ -19,7 +19,11 @@ The rules:
   free until an ejection ends or an operator acts;
 - at most `max_ejected_percent` of the fleet is ejected at once, rounded
   down, but never less than one backend: a fleet of one or two can still
-  step around a failing server.
+  step around a failing server;
+- a probe that got no answer while the backend is still completing
+  requests is inconclusive (health.probe_inconclusive); for that the
+  scheduler keeps, per backend, when each request in flight took its slot
+  and when the backend last answered one.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from typing import Callable, Protocol, Sequence
 
 from .backend import Backend
 from .config import Passive
+from .health import probe_inconclusive
 from .policy import Policy
 
 log = logging.getLogger("lb")
@@ -119,6 +124,8 @@ class Scheduler:
     def release(self, backend: Backend) -> None:
         """A request let go of `backend` (finished, failed or abandoned)."""
         backend.in_flight -= 1
+        if backend.in_flight_since:
+            backend.in_flight_since.popleft()
         if backend.in_flight == 0 and backend.health.trial:
             # The half-open trial ended without a verdict (its client left):
             # with nothing left there, no trial is out; another may go.
@@ -196,7 +203,9 @@ class Scheduler:
     # --- outcomes, for passive health
 
     def succeeded(self, backend: Backend) -> None:
-        if backend.health.succeeded(self.clock()):
+        now = self.clock()
+        backend.last_answer = now
+        if backend.health.succeeded(now):
             log.info("backend %s readmitted after a successful trial request", backend.name)
             if self.queued:
                 self.dispatch()
@@ -205,6 +214,8 @@ class Scheduler:
         """Count a failure; returns the ejection time if it ejected the backend."""
         now = self.clock()
         health = backend.health
+        if not local:
+            backend.last_answer = now   # a 5xx is an answer: the server is working
         if not health.failed(now, local):
             return None
         if not health.ejected and self.ejected_count() >= self.max_ejected():
@@ -223,8 +234,24 @@ class Scheduler:
             self.dispatch()   # lets the queue go if nothing is left in the rotation
         return seconds
 
-    def probed(self, backend: Backend, ok: bool, reason: str) -> None:
-        change = backend.health.probed(self.clock(), ok, reason)
+    def probed(self, backend: Backend, ok: bool, reason: str, *, no_answer: bool = False,
+               first_byte: float = 0.0) -> None:
+        """One probe result.  `no_answer`: it connected but got no answer in time, which
+        says nothing while the backend is busy with requests (health.probe_inconclusive;
+        `first_byte` is timeouts.first_byte)."""
+        now = self.clock()
+        health = backend.health
+        if not ok and probe_inconclusive(
+                now, no_answer=no_answer,
+                oldest_in_flight=backend.in_flight_since[0] if backend.in_flight_since else None,
+                last_answer=backend.last_answer,
+                window=health.active.fall * health.active.interval, first_byte=first_byte):
+            if health.probe_was_busy(reason):
+                log.debug("backend %s is busy: its probe got no answer (%s) while it works "
+                          "on %d request(s); not counted as a failure", backend.name, reason,
+                          backend.in_flight)
+            return
+        change = health.probed(now, ok, reason)
         if change is None:
             return
         if change == "down":
@@ -266,6 +293,7 @@ class Scheduler:
 
     def _take(self, backend: Backend, now: float) -> None:
         backend.in_flight += 1
+        backend.in_flight_since.append(now)
         backend.requests += 1
         if backend.in_flight > backend.peak_in_flight:
             backend.peak_in_flight = backend.in_flight

@@ -1,12 +1,20 @@
-"""python -m bench.concurrency: argument checks, and one short real run end to end."""
+"""python -m bench.concurrency: argument checks, and short real runs end to end.
+
+The runs start from a temporary directory (not the checkout): results must land in
+./bench-results/ under the directory the bench is run from, or in --results DIR, and nowhere
+near the code.  One run has its stderr on a terminal (a pty), to read the progress bar.
+"""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import os
+import pty
+import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -73,14 +81,81 @@ def _our_processes(marker: str) -> list[str]:
     return found
 
 
-def test_a_short_run_prints_the_table_and_writes_results(tmp_path):
-    out_dir = tmp_path / "results"
+def _env() -> dict:
+    # Run from a temporary directory: the checkout must still be importable.
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(
+        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])}
+
+
+def _files_beside_the_code() -> set[str]:
+    return {str(p.relative_to(ROOT)) for p in (ROOT / "bench").rglob("*")
+            if "__pycache__" not in p.parts}
+
+
+def _run_with_stderr_on_a_terminal(argv: list[str], cwd: Path, timeout: float):
+    """(exit code, stdout, what the terminal got): stderr is a pty, stdout a pipe."""
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen(argv, cwd=cwd, env=_env(), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=slave)
+    finally:
+        os.close(slave)
+    got: list[bytes] = []
+
+    def read():
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:        # EIO: the bench has exited and closed its end
+                return
+            if not data:
+                return
+            got.append(data)
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
+    finally:
+        reader.join(10)
+        os.close(master)
+    return proc.returncode, out.decode(), b"".join(got).decode(errors="replace")
+
+
+def _percentages(text: str, pattern: str) -> list[int]:
+    return [int(m.group(1)) for m in re.finditer(pattern, text)]
+
+
+def _check_real_seconds(doc: dict) -> None:
+    """The JSON's *_real_s are the measured wall times undone from the time scale."""
+    scale = doc["meta"]["time_scale"]
+    assert doc["meta"]["real_per_wall"] == pytest.approx(1 / scale)
+    for r in doc["results"]:
+        calls = r["calls"]
+        for wall, real in (("latency_ms", "latency_real_s"), ("ttfa_ms", "ttfa_real_s"),
+                           ("extra_ms", "extra_real_s")):
+            for pct in ("p50", "p95", "p99", "mean", "max"):
+                # wall ms are rounded to 0.1 ms: 1 ms of real-world time at x20
+                assert calls[real][pct] == pytest.approx(calls[wall][pct] / 1e3 / scale,
+                                                         abs=0.06e-3 / scale), (real, pct, r)
+        # In real-world seconds a call takes at least the GPU's work for the shortest
+        # sentence ("Got it.": 7 characters, 0.47 s at 15 a second, rtf 1) ...
+        assert calls["latency_real_s"]["p50"] >= 0.45, calls
+        # ... and, with nothing overloaded, less than the longest one's (12 s) plus queueing.
+        assert calls["latency_real_s"]["max"] < 40, calls
+
+
+def test_a_short_run_prints_the_table_and_writes_results_under_the_cwd(tmp_path):
     seed = 700_000 + os.getpid() % 1000   # its simulated servers carry --seed SEED+i
+    before = _files_beside_the_code()
     argv = [sys.executable, "-m", "bench.concurrency", "--duration", "1.5",
             "--concurrency", "2,3", "--policies", "least_conn,random-nolimit",
-            "--backends", "2", "--no-haproxy", "--seed", str(seed), "--results", str(out_dir)]
-    out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=90,
-                         stdin=subprocess.DEVNULL)
+            "--backends", "2", "--no-haproxy", "--seed", str(seed)]
+    out = subprocess.run(argv, cwd=tmp_path, env=_env(), capture_output=True, text=True,
+                         timeout=90, stdin=subprocess.DEVNULL)
     assert out.returncode == 0, out.stdout + out.stderr
     text = out.stdout
     assert "time     : the simulated world runs at 20x real time" in text
@@ -92,10 +167,17 @@ def test_a_short_run_prints_the_table_and_writes_results(tmp_path):
     rows = [line.split() for line in text.splitlines()
             if line.startswith(("least_conn ", "random, no limit "))]
     assert len(rows) == 4
+    made = list((tmp_path / "bench-results").iterdir())
+    assert len(made) == 1 and made[0].name.startswith("concurrency-"), made
+    out_dir = made[0]
     assert f"results: {out_dir}/" in text
-    # the non-TTY progress: a line per run
-    assert "bench: [1/4] least_conn, 2 callers" in out.stderr
-    assert "bench: [4/4] random, no limit, 3 callers" in out.stderr
+    assert _files_beside_the_code() == before      # nothing written beside the code
+    # the non-TTY progress: a line per step, each with the share done, which only grows
+    assert "bench: starting the simulated fleet  (0% done" in out.stderr
+    assert "bench: [1/4] least_conn, 2 callers  (" in out.stderr
+    assert "bench: [4/4] random, no limit, 3 callers  (" in out.stderr
+    done = _percentages(out.stderr, r"\((\d+)% done")
+    assert len(done) == 5 and done == sorted(done) and done[0] == 0 and done[-1] < 100, done
 
     doc = json.loads((out_dir / "results.json").read_text())
     assert doc["meta"]["seed"] == seed and doc["meta"]["backends"] == 2
@@ -115,10 +197,35 @@ def test_a_short_run_prints_the_table_and_writes_results(tmp_path):
         assert isinstance(r["retries"], int) and isinstance(r["cartesia_calls"], int)
         assert 1 <= r["peak_gpu_in_flight"] <= 3
         assert len(r["fleet_stats"]["per_backend"]) == 2
+    _check_real_seconds(doc)
     assert (out_dir / "lb-least_conn.toml").exists()
     if importlib.util.find_spec("matplotlib") is None:
         assert "no latency.png" in text
     else:
         assert (out_dir / "latency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # everything it started is gone
+    assert _our_processes(f"--seed {seed}") == []
+
+
+def test_results_option_and_a_progress_bar_that_only_moves_forward(tmp_path):
+    """--results DIR gets the files; the terminal's bar never goes back, and ends at 100%."""
+    seed = 710_000 + os.getpid() % 1000
+    out_dir = tmp_path / "mine"
+    argv = [sys.executable, "-m", "bench.concurrency", "--duration", "0.5",
+            "--concurrency", "2,3", "--policies", "least_conn", "--backends", "1",
+            "--seed", str(seed), "--results", str(out_dir)]   # HAProxy too, when installed
+    code, stdout, terminal = _run_with_stderr_on_a_terminal(argv, tmp_path, timeout=90)
+    assert code == 0, stdout + terminal
+    assert f"results: {out_dir}/" in stdout
+    assert (out_dir / "results.json").exists()
+    assert not (tmp_path / "bench-results").exists()
+    runs = 2 * (1 if "haproxy  : not run" in stdout else 2)
+    # the bar: "\r[#####.......]  37%  run 2/4  least_conn, 3 callers  ~4 s left"
+    shown = _percentages(terminal, r"\r\[[#.]+\]\s+(\d+)%")
+    assert len(shown) >= runs + 2, terminal
+    assert shown == sorted(shown), shown          # never backwards
+    assert shown[0] == 0 and shown[-1] == 100, shown
+    last = "haproxy, 3 callers" if runs == 4 else "least_conn, 3 callers"
+    assert f"run {runs}/{runs}  {last}" in terminal
+    assert "bench: least_conn, 2 callers: " in terminal  # a run's summary, on a line of its own
     assert _our_processes(f"--seed {seed}") == []

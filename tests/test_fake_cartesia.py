@@ -541,3 +541,95 @@ def test_cli_serves_https_and_exits_cleanly(tls, tmp_path):
         code = proc.stop()
     assert code == 0 and "Traceback" not in proc.output(), proc.output()
     assert KEY not in proc.output()
+
+
+# --- misbehaving on purpose (the balancer's tests that nothing Cartesia says leaks)
+
+def _raw_tts(port, headers: dict) -> bytes:
+    """POST /tts/bytes over a raw socket; every byte the fake sends until it closes."""
+    body = json.dumps(tts_body(container="raw")).encode()
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    with socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT) as s:
+        s.sendall(f"POST /tts/bytes HTTP/1.1\r\nHost: x\r\n{head}Content-Length: {len(body)}"
+                  f"\r\n\r\n".encode() + body)
+        out = b""
+        while data := s.recv(65536):
+            out += data
+    return out
+
+
+def set_mode(port, query):
+    status, _, data = request(port, "GET", f"/_mode?{query}")
+    return status, json.loads(data)
+
+
+@pytest.mark.parametrize("version, sent", [(NEW, f"Bearer {KEY}"), (OLD, KEY)])
+def test_bad_status_line_quotes_the_credential_then_closes(fake, version, sent):
+    assert set_mode(fake.port, "misbehave=bad-status-line") == (200, {"misbehave": "bad-status-line"})
+    out = _raw_tts(fake.port, auth(version))
+    assert out == f"HTTP/1.1 2OO Authorization: {sent}\r\n\r\n".encode()
+    (entry,) = get_json(fake.port, "/_requests")
+    assert entry["misbehaved"] == "bad-status-line" and entry["auth"] == "ok"
+    assert KEY not in json.dumps(entry)
+
+
+def test_bad_header_line_quotes_the_credential_then_closes(fake):
+    set_mode(fake.port, "misbehave=bad-header-line")
+    out = _raw_tts(fake.port, auth())
+    assert out.startswith(b"HTTP/1.1 200 OK\r\n") and out.endswith(b"\r\n\r\n")
+    assert f"\r\nYour Authorization: Bearer {KEY}\r\n".encode() in out
+
+
+def test_quote_key_error_quotes_it_in_pieces(fake):
+    set_mode(fake.port, "misbehave=quote-key-400")
+    out = _raw_tts(fake.port, {**auth(), "Connection": "close"})
+    head, _, body = out.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    assert lines[0] == f"HTTP/1.1 400 Bad Request Bearer {KEY}"
+    assert f"x-echo-authorization: Bearer {KEY}" in lines
+    message = json.loads(body)["message"]
+    for piece in (f"Bearer {KEY}", KEY[:8], KEY[-8:], KEY.lower(), KEY.upper()):
+        assert piece in message, (piece, message)
+    assert get_json(fake.port, "/_stats")["by_status"] == {"400": 1}
+
+
+def test_quote_key_200_still_streams_the_audio(fake):
+    set_mode(fake.port, "misbehave=quote-key-200")
+    status, headers, data = post(fake.port, tts_body(container="raw"))
+    assert status == 200 and headers["x-echo-authorization"] == f"Bearer {KEY}"
+    assert len(data) == expected_samples("Hello from the fallback path!", 24000) * 2
+
+
+def test_misbehaving_needs_the_right_key_first(fake):
+    set_mode(fake.port, "misbehave=bad-status-line")
+    status, headers, data = post(fake.port, tts_body(), headers=auth(key="sk_car_wrong"))
+    assert_json_error(status, headers, data, 401)
+
+
+def test_mode_rejects_what_it_does_not_know_and_survives_reset(fake):
+    assert set_mode(fake.port, "misbehave=quote-key-503") == (200, {"misbehave": "quote-key-503"})
+    for query in ("misbehave=quote-key-99", "misbehave=", "misbehave=sometimes", "status=500"):
+        status, body = set_mode(fake.port, query)
+        assert status == 400 and body["error"], (query, body)
+    get_json(fake.port, "/_reset")
+    assert set_mode(fake.port, "") == (200, {"misbehave": "quote-key-503"})
+    assert set_mode(fake.port, "misbehave=off") == (200, {"misbehave": "off"})
+    assert post(fake.port, tts_body(container="raw"))[0] == 200
+
+
+def test_cli_misbehave_flag():
+    env = dict(os.environ, FAKE_CARTESIA_KEY=KEY)
+    bad = Process(["-m", "backends.cartesia", "--port", "0", "--api-key-env", "FAKE_CARTESIA_KEY",
+                   "--misbehave", "now-and-then"], env=env)
+    assert bad.proc.wait(10) == 2
+    bad.stop()   # collects the output
+    assert "--misbehave" in bad.output() and "now-and-then" in bad.output()
+    assert "Traceback" not in bad.output()
+    proc = Process(["-m", "backends.cartesia", "--port", "0", "--api-key-env", "FAKE_CARTESIA_KEY",
+                    "--misbehave", "bad-header-line"], env=env)
+    try:
+        port = int(proc.wait_for_line(r"listening on 127\.0\.0\.1:(\d+)").group(1))
+        assert set_mode(port, "") == (200, {"misbehave": "bad-header-line"})
+    finally:
+        assert proc.stop() == 0
+    assert KEY not in proc.output()

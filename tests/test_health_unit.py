@@ -1,5 +1,7 @@
 """Sans-io tests for lb.health.Health: passive ejection, half-open trials,
-admin states and slow start.  Time is passed in explicitly; nothing sleeps."""
+admin states, slow start, and telling a busy backend's unanswered probe from
+a dead one's (probe_inconclusive).  Time is passed in explicitly; nothing
+sleeps."""
 
 from __future__ import annotations
 
@@ -10,7 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lb.config import Active, Passive
-from lb.health import DRAIN, MAINT, READY, Health
+import pytest
+
+from lb.health import BUSY, DRAIN, MAINT, READY, Health, probe_inconclusive
 
 T0 = 1000.0   # a monotonic-looking start time
 
@@ -338,3 +342,92 @@ def test_maint_forgets_past_ejections():
     h.set_admin(T0, READY)
     assert h.in_rotation(T0)
     assert ejected(h, T0 + 1) == 10.0
+
+
+# --- busy is not dead: probe_inconclusive and Health.probe_was_busy
+
+WINDOW, FIRST_BYTE = 6.0, 60.0    # fall x interval = 3 x 2 s; timeouts.first_byte
+
+
+def inconclusive(now: float = T0, *, no_answer: bool = True, oldest: float | None = T0 - 1,
+                 answered: float | None = None) -> bool:
+    return probe_inconclusive(now, no_answer=no_answer, oldest_in_flight=oldest,
+                              last_answer=answered, window=WINDOW, first_byte=FIRST_BYTE)
+
+
+@pytest.mark.parametrize("case, kwargs, expected", [
+    ("young request in flight", dict(oldest=T0 - 8), True),
+    ("old request, but another answered just now", dict(oldest=T0 - 100, answered=T0 - 1), True),
+    ("old request, an answer exactly fall x interval ago", dict(oldest=T0 - 100,
+                                                               answered=T0 - WINDOW), True),
+    ("old request, last answer longer ago", dict(oldest=T0 - 100, answered=T0 - WINDOW - 0.1),
+     False),
+    ("request in flight exactly first_byte", dict(oldest=T0 - FIRST_BYTE), False),
+    ("old request, never an answer", dict(oldest=T0 - 61), False),
+    ("nothing in flight, an answer just now", dict(oldest=None, answered=T0 - 1), False),
+    ("refused, with a young request and an answer just now",
+     dict(no_answer=False, oldest=T0 - 1, answered=T0 - 1), False),
+])
+def test_probe_inconclusive_only_while_requests_are_still_completing(case, kwargs, expected):
+    assert inconclusive(**kwargs) is expected, case
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(no_answer=st.booleans(),
+       age=st.none() | st.floats(0, 200), since_answer=st.none() | st.floats(0, 200),
+       window=st.floats(0, 50), first_byte=st.floats(0, 120), more=st.floats(0, 50))
+def test_probe_inconclusive_needs_no_answer_and_work_in_flight_and_grows_with_its_bounds(
+        no_answer, age, since_answer, window, first_byte, more):
+    def decide(w, f):
+        return probe_inconclusive(T0, no_answer=no_answer,
+                                  oldest_in_flight=None if age is None else T0 - age,
+                                  last_answer=None if since_answer is None else T0 - since_answer,
+                                  window=w, first_byte=f)
+    verdict = decide(window, first_byte)
+    if verdict:
+        assert no_answer and age is not None
+        assert decide(window + more, first_byte + more)  # longer bounds: still busy
+    if no_answer and age is not None and age < first_byte:
+        assert verdict
+
+
+def test_inconclusive_probe_neither_counts_towards_fall_nor_resets_it():
+    h = health()
+    assert h.probed(T0, True, "answered 200") == "up"
+    assert h.probed(T0 + 2, False, "no answer") is None        # 1 of fall 3
+    assert h.probe_was_busy("no answer while busy") is True
+    assert h.probe_was_busy("no answer while busy") is False   # already busy
+    assert h.probe_streak == 1 and h.probe_up is True
+    assert h.state(T0 + 6, 1) == BUSY and h.in_rotation(T0 + 6)
+    assert h.probed(T0 + 8, False, "refused") is None          # 2 of 3: the busy ones in
+    assert h.probe_busy is False and h.state(T0 + 8, 1) == "up"  # between did not count
+    assert h.probed(T0 + 10, False, "refused") == "down"
+
+
+def test_inconclusive_probe_does_not_reset_the_rise_count():
+    h = health()
+    h.probed(T0, False, "answered 503")
+    assert h.probed(T0 + 2, True, "answered 200") is None      # 1 of rise 2
+    h.probe_was_busy("no answer while busy")
+    assert h.state(T0 + 4, 1) == "down"                        # out: down says more than busy
+    assert h.probed(T0 + 6, True, "answered 200") == "up"
+
+
+def test_any_number_of_inconclusive_probes_leaves_the_standing_alone():
+    h = health()
+    h.probed(T0, True, "answered 200")
+    for _ in range(50):
+        h.probe_was_busy("no answer while busy")
+    assert h.probe_up is True and h.in_rotation(T0) and h.probe_reason == "no answer while busy"
+
+
+def test_maint_forgets_busy_and_ejected_shows_over_busy():
+    h = health()
+    h.probed(T0, True, "answered 200")
+    h.probe_was_busy("no answer")
+    ejected(h)
+    assert h.state(T0 + 1, 1) == "ejected"
+    h.set_admin(T0 + 1, MAINT)
+    h.set_admin(T0 + 1, READY)
+    assert h.probe_busy is False and h.state(T0 + 1, 0) == "up"
+

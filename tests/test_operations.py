@@ -368,12 +368,12 @@ def test_sighup_with_a_bad_file_keeps_the_running_configuration(start_backend, r
     # Broken TOML, then valid TOML with a bad value: both rejected, with the reason.
     for text, reason in (("[listen\naddress = \n", r"TOML syntax error"),
                          (good.replace(backend.url, "ftp://127.0.0.1:1"),
-                          r"backend\[0\]\.url: scheme must be http")):
+                          r"backend \"b0\"\.url: scheme must be http")):
         path.write_text(text)
         mark = len(lb.lines)
         lb.proc.send_signal(signal.SIGHUP)
         match = lb.wait_for_line(
-            r"reload rejected, still running the previous configuration: (.*)", start=mark,
+            r"reload refused, still running the previous configuration: (.*)", start=mark,
             timeout=5)
         assert re.search(reason, match.group(1)), match.group(0)
         assert lb.proc.poll() is None

@@ -1,6 +1,7 @@
 """Sans-io tests for active health probes: lb.probe.verdict() on what TTS
 servers answer, and how probe results move a backend in and out of the
-rotation (Health.probed, Scheduler.probed)."""
+rotation (Health.probed, Scheduler.probed), a busy backend's unanswered
+probes included (tests/test_busy.py has the real-process side)."""
 
 from __future__ import annotations
 
@@ -293,3 +294,108 @@ def test_first_passing_probe_readmits_a_backend_ejected_before_any_probe():
 def test_verdict_reads_json_after_leading_whitespace():
     assert verdict(200, b'\n  {"status": "initializing"}') == (
         False, "answered 200 but status is 'initializing' (model not ready)")
+
+
+# --- busy is not dead, through the scheduler (fall 3, interval 2 s: a window of 6 s)
+
+FIRST_BYTE = 60.0
+NO_ANSWER = "no answer within 1s (health.active.timeout)"
+
+
+def busy_fleet(n: int = 1):
+    sched, backends, clock = fleet(n, max_concurrency=1, fall=3)
+    for b in backends:
+        sched.probed(b, True, "answered 200")
+    return sched, backends, clock
+
+
+def unanswered(sched, backend, clock, probes: int, every: float = 2.0) -> None:
+    for _ in range(probes):
+        clock.now += every
+        sched.probed(backend, False, NO_ANSWER, no_answer=True, first_byte=FIRST_BYTE)
+
+
+def test_unanswered_probes_of_a_backend_working_on_a_request_are_inconclusive():
+    sched, (b0,), clock = busy_fleet()
+    assert sched.acquire(Waiter()) is b0       # an 8 s job: 4 probes time out meanwhile
+    unanswered(sched, b0, clock, 4)
+    snap = b0.snapshot(clock.now)
+    assert snap["state"] == "busy" and snap["probe"]["busy"] is True
+    assert snap["probe"]["up"] is True and NO_ANSWER in snap["probe"]["last"]
+    assert b0.health.in_rotation(clock.now) and b0.health.probe_streak == 0
+    sched.succeeded(b0)                        # the job is answered
+    sched.release(b0)
+    clock.now += 1
+    sched.probed(b0, True, "answered 200")
+    assert b0.snapshot(clock.now)["state"] == "up"
+
+
+def test_a_refused_probe_counts_even_while_requests_are_in_flight_and_answered():
+    sched, (b0,), clock = busy_fleet()
+    sched.acquire(Waiter())
+    sched.succeeded(b0)                        # answered just now
+    for _ in range(3):
+        clock.now += 2
+        sched.probed(b0, False, "cannot connect: Connection refused", no_answer=False,
+                     first_byte=FIRST_BYTE)
+    assert b0.health.probe_up is False and b0.snapshot(clock.now)["state"] == "down"
+
+
+def test_unanswered_probes_count_once_nothing_is_in_flight():
+    sched, (b0,), clock = busy_fleet()
+    sched.acquire(Waiter())
+    sched.succeeded(b0)
+    sched.release(b0)                          # an answer just now, but nothing in flight
+    unanswered(sched, b0, clock, 2)
+    assert b0.health.probe_up is True and b0.health.probe_streak == 2
+    unanswered(sched, b0, clock, 1)
+    assert b0.health.probe_up is False
+
+
+def test_a_request_older_than_first_byte_with_no_recent_answer_does_not_hold_probes_off():
+    sched, (b0,), clock = busy_fleet()
+    sched.acquire(Waiter())
+    unanswered(sched, b0, clock, 29)           # 58 s: younger than first_byte, all busy
+    assert b0.health.probe_up is True and b0.health.probe_busy
+    unanswered(sched, b0, clock, 2)            # 62 s: counted
+    assert b0.health.probe_up is True and b0.health.probe_streak == 2
+    unanswered(sched, b0, clock, 1)
+    assert b0.health.probe_up is False
+
+
+def test_a_recent_answer_keeps_an_old_request_from_making_probes_count():
+    sched, (b0,), clock = busy_fleet()
+    sched.acquire(Waiter())                    # a long stream: started at T0 ...
+    clock.now += 100
+    sched.succeeded(b0)                        # ... its head came at T0 + 100; still in flight
+    unanswered(sched, b0, clock, 3)            # up to 6 s since that answer: the window
+    assert b0.health.probe_busy and b0.health.probe_streak == 0
+    unanswered(sched, b0, clock, 2)            # past it, and the request is 110 s old
+    assert b0.health.probe_up is True and b0.health.probe_streak == 2
+    unanswered(sched, b0, clock, 1)
+    assert b0.health.probe_up is False
+
+
+def test_without_first_byte_only_a_recent_answer_makes_a_probe_inconclusive():
+    sched, (b0,), clock = busy_fleet()
+    sched.acquire(Waiter())
+    for _ in range(3):
+        clock.now += 2
+        sched.probed(b0, False, NO_ANSWER, no_answer=True)
+    assert b0.health.probe_up is False
+
+
+@settings(max_examples=200, deadline=None, derandomize=True)
+@given(results=st.lists(st.sampled_from(["pass", "fail", "busy"]), min_size=1, max_size=40),
+       rise=st.integers(1, 4), fall=st.integers(1, 4))
+def test_busy_probes_leave_rise_and_fall_as_if_they_never_happened(results, rise, fall):
+    h, reference = health(rise, fall), health(rise, fall)
+    for i, result in enumerate(results):
+        if result == "busy":
+            h.probe_was_busy("no answer while busy")
+            assert h.state(T0 + 2 * i, 1) in ("busy", "down")
+        else:
+            h.probed(T0 + 2 * i, result == "pass", "r")
+            reference.probed(T0 + 2 * i, result == "pass", "r")
+        assert (h.probe_up, h.probe_streak) == (reference.probe_up, reference.probe_streak)
+

@@ -550,6 +550,38 @@ def test_trial_abandoned_beside_an_older_request_is_cleared_when_that_one_ends()
     assert f.sched.acquire(f.waiter()) is b0
 
 
+# --- what probes need to tell busy from dead (see tests/test_probe_unit.py)
+
+
+def test_in_flight_start_times_are_kept_oldest_first_and_the_oldest_goes_first():
+    f = Fleet(3)
+    b0 = f.backends[0]
+    for _ in range(3):
+        assert f.sched.acquire(f.waiter()) is b0
+        f.clock.now += 1.5
+    assert list(b0.in_flight_since) == [T0, T0 + 1.5, T0 + 3.0]
+    f.sched.release(b0)
+    assert list(b0.in_flight_since) == [T0 + 1.5, T0 + 3.0]
+    f.sched.release(b0)
+    f.sched.release(b0)
+    assert not b0.in_flight_since and b0.in_flight == 0
+
+
+def test_last_answer_is_any_answer_of_the_backend_but_not_a_connection_failure():
+    f = Fleet(2, consecutive_failures=10, consecutive_5xx=10)
+    b0 = f.backends[0]
+    assert b0.last_answer is None
+    f.sched.acquire(f.waiter())
+    f.clock.now += 8
+    f.sched.failed(b0, local=True, reason="reset")
+    assert b0.last_answer is None
+    f.sched.succeeded(b0)
+    assert b0.last_answer == T0 + 8
+    f.clock.now += 1
+    f.sched.failed(b0, local=False, reason="answered 503")   # an answer all the same
+    assert b0.last_answer == T0 + 9
+
+
 # --- retries
 
 
@@ -829,7 +861,11 @@ class Sim:
         elif kind == "admin":
             self.sched.set_admin(self.backends[i % len(self.backends)], STATES[j % len(STATES)])
         elif kind == "probe":
-            self.sched.probed(self.backends[i % len(self.backends)], j % 3 != 0, "probe")
+            backend = self.backends[i % len(self.backends)]
+            if j % 4 == 3:  # connected, no answer: inconclusive while the backend works
+                self.sched.probed(backend, False, "no answer", no_answer=True, first_byte=10.0)
+            else:
+                self.sched.probed(backend, j % 3 != 0, "probe")
         self._fire_wakes(self.clock.now)     # a timer already due runs next
 
     def settle(self) -> None:
@@ -854,6 +890,9 @@ class Sim:
             assert b.in_flight <= b.max_concurrency, \
                 f"{b.name} in_flight {b.in_flight} > max_concurrency {b.max_concurrency}"
             assert b.in_flight == holding, f"{b.name} in_flight {b.in_flight}, holders {holding}"
+            # one start time per request in flight, oldest first (for busy-or-dead probes)
+            assert len(b.in_flight_since) == b.in_flight, (b.name, list(b.in_flight_since))
+            assert list(b.in_flight_since) == sorted(b.in_flight_since), b.name
 
     def check_ejections(self) -> None:
         assert self.sched.ejected_count() <= self.sched.max_ejected()

@@ -1,7 +1,9 @@
 """The simulated GPU TTS servers (backends/chatterbox.py, openai_tts.py, chattts.py) over real
 loopback sockets: their APIs as the real servers answer them, and the GPU model behind them
 (time-slicing past --slots, OOM crash and restart, loading, fault injection), asserted from
-the servers' own counters (/_stats) wherever timing is involved."""
+the servers' own counters (/_stats) wherever timing is involved.  --blocking servers answer
+nothing (health included) while they synthesize.  Exact-waveform checks pass --tone; the
+espeak-ng speech is tests/test_espeak.py's."""
 from __future__ import annotations
 
 import asyncio
@@ -170,15 +172,17 @@ def test_gpu_processor_sharing_math():
             return job
 
         a, b = await asyncio.gather(run("a", 0.1), run("b", 0.2))
-        # slots=1, two jobs: both at half speed until a finishes at 0.2; b alone to 0.3
-        assert done["a"] == pytest.approx(0.2, abs=0.03) and done["b"] == pytest.approx(0.3, abs=0.03)
-        assert a.slowdown == pytest.approx(2.0, rel=0.15) and gpu.max_computing == 2
+        # slots=1, two jobs: both at half speed until a finishes at 0.2; b alone to 0.3.
+        # Never sooner (the math is exact on the loop's clock); later only by how late a busy
+        # machine runs the timers, so the upper bounds are generous.
+        assert 0.195 <= done["a"] < 0.45 and 0.295 <= done["b"] < 0.6 and done["b"] > done["a"]
+        assert 1.95 <= a.slowdown < 4.5 and gpu.max_computing == 2
 
         gpu2 = GPU(GPUOptions(slots=2, rtf=1.0))
         t0 = loop.time()
         jobs = [gpu2.admit() for _ in range(4)]
         await asyncio.gather(*(gpu2.compute(j, 0.1) for j in jobs))
-        assert loop.time() - t0 == pytest.approx(0.2, abs=0.03)  # 4 jobs on 2 slots: half speed
+        assert 0.195 <= loop.time() - t0 < 0.45  # 4 jobs on 2 slots: half speed, 0.2 s
         # a cancelled job gives its share back at once
         job = gpu2.admit()
         t = asyncio.ensure_future(gpu2.compute(job, 10.0))
@@ -265,7 +269,7 @@ def test_chatterbox_validation_errors(sim):
 
 
 def test_openai_whole_wav_stream_and_sse(sim):
-    s = sim("openai_tts", *FAST)
+    s = sim("openai_tts", *FAST, "--tone")  # the tone, to check the pieces join seamlessly
     assert call(s.port, "GET", "/ping")[2] == {"status": "ok", "message": "Server is running"}
     health = call(s.port, "GET", "/health")[2]
     assert health["status"] == "healthy" and health["model_loaded"] is True
@@ -409,6 +413,64 @@ def test_slots_time_slice_the_gpu(sim):
     slowdowns = sorted(r["slowdown"] for r in st["recent"])
     assert slowdowns[-1] > 1.7 and slowdowns[0] > 1.4, slowdowns  # ideal: all 2.0
     assert max(r[2]["inference_speed"] for r in results) < 0.8 * 45 * 5 / 0.6  # it/s dropped
+
+
+def health_within(port: int, seconds: float) -> int | None:
+    """GET /health's status, or None if no answer came within `seconds`."""
+    try:
+        return call(port, "GET", "/health", timeout=seconds)[0]
+    except (socket.timeout, TimeoutError):
+        return None
+
+
+@pytest.mark.parametrize("kind, path, body", [
+    ("chatterbox", "/synthesize-json", {"text": "q" * 30}),
+    ("chattts", "/generate_voice", {"text": ["q" * 30], "params_infer_code": {}}),
+])
+def test_blocking_server_answers_nothing_while_it_synthesizes(sim, kind, path, body):
+    # 30 characters at 10 a second: 3 s of audio, 3 s of GPU time at rtf 1
+    args = ("--load-time", "0", "--rtf", "1", "--chars-per-second", "10", "--tone")
+    blocking, usual = sim(kind, *args, "--blocking"), sim(kind, *args)
+    for s in (blocking, usual):
+        sock = connect(s.port, timeout=10)
+        payload = json.dumps(body).encode()
+        sock.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (path.encode(), len(payload), payload))
+        time.sleep(0.5)  # the job is under way (a blocked server cannot be asked)
+        during = health_within(s.port, 1.0)
+        answer = RawReader(sock).response()
+        sock.close()
+        assert answer.status == 200
+        assert health_within(s.port, 1.0) == 200
+        if s is blocking:
+            assert during is None  # /health waited for the job, as the real servers' does
+        else:
+            assert during == 200
+        st = s.stats()
+        assert st["outcomes"] == {"ok": 1} and st["recent"][0]["work"] == 3.0
+
+
+def test_blocking_stream_still_sends_each_piece_once_it_is_made(sim):
+    s = sim("openai_tts", "--load-time", "0", "--rtf", "0.2", "--blocking", "--tone")
+    text = " ".join(["This sentence is forty-five characters long.."] * 3)  # 3 x 0.6 s
+    body = json.dumps({"input": text, "streaming_chunk_size": 50}).encode()
+    sock = connect(s.port)
+    start = time.monotonic()
+    sock.sendall(b"POST /v1/audio/speech/stream HTTP/1.1\r\nHost: x\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+    got, first_piece_at = b"", None
+    while not got.endswith(b"\r\n0\r\n\r\n"):
+        data = sock.recv(65536)
+        assert data, "stream ended early"
+        got += data
+        if first_piece_at is None and len(got) > 2 * 3 * 24000:
+            first_piece_at = time.monotonic() - start
+    sock.close()
+    total = time.monotonic() - start
+    assert first_piece_at < total - 0.4  # the first piece went out before the last was made
+    r = raw_post(s.port, "/v1/audio/speech/stream", json.loads(body))
+    assert r.status == 200 and r.complete and r.body[44:] == audio.pcm(3 * 3 * 24000)
+    assert s.stats()["recent"][-1]["work"] == pytest.approx(1.8)
 
 
 def test_oom_crash_restart_and_loading(sim):

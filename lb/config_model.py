@@ -1,0 +1,149 @@
+"""The configuration as the balancer sees it: frozen dataclasses, one per
+section, built by `lb.config.parse` and never changed after (a reload builds
+a new one)."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+
+class ConfigError(Exception):
+    """A configuration problem: which key, and why."""
+
+    def __init__(self, key: str, reason: str):
+        super().__init__(f"{key}: {reason}" if key else reason)
+        self.key = key
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Listen:
+    host: str
+    port: int
+    workers: int = 1            # processes, each with its own SO_REUSEPORT socket
+    drain_timeout: float = 30.0  # on SIGTERM, how long in-flight requests may finish
+
+
+@dataclass(frozen=True)
+class Limits:
+    nofile: int
+    max_connections: int  # 0: derive from the fd limit actually granted
+    max_header_bytes: int
+    max_body_bytes: int
+    write_buffer_high: int  # per transport; reading the other side pauses above it
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    client_header: float
+    connect: float
+    first_byte: float
+    idle: float
+
+
+@dataclass(frozen=True)
+class Pool:
+    max_idle: int  # idle upstream connections kept per backend
+    idle_timeout: float
+
+
+@dataclass(frozen=True)
+class Log:
+    access: bool
+    level: str
+
+
+@dataclass(frozen=True)
+class Balancing:
+    policy: str
+    max_concurrency: int    # default per-backend limit of requests at once
+    queue_limit: int        # requests that may wait for a free slot (0: none wait)
+    queue_timeout: float    # longest wait in the queue -> 503 with Retry-After
+    slow_start: float       # seconds to ramp a readmitted backend's limit (0: off)
+
+
+@dataclass(frozen=True)
+class Passive:
+    consecutive_failures: int   # connect errors, resets, timeouts in a row (0: ignore)
+    consecutive_5xx: int        # `statuses` answers in a row (0: ignore)
+    statuses: tuple[int, ...]
+    base_ejection: float
+    max_ejection: float
+    jitter: float               # ejection time is shortened by up to this fraction
+    max_ejected_percent: int    # of the fleet; a fleet of one or two may still eject one
+
+
+@dataclass(frozen=True)
+class Active:
+    interval: float
+    timeout: float
+    rise: int
+    fall: int
+    path: str = ""              # health_path of backends that set none ("" = no probes)
+
+
+@dataclass(frozen=True)
+class Retry:
+    attempts: int               # tries in all, the first included
+    statuses: tuple[int, ...]
+    budget_percent: int         # of active requests that may be retries ...
+    budget_min: int             # ... but always at least this many
+    backoff_base: float
+    backoff_max: float
+    replay_max_bytes: int       # request body kept for a retry; larger ones are not retried
+
+
+@dataclass(frozen=True)
+class Admin:
+    allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+
+
+@dataclass(frozen=True)
+class Cartesia:
+    enabled: bool
+    url: str                    # scheme://host[:port], no path
+    api_key_env: str            # the environment variable holding the key (never the key)
+    version: str                # Cartesia-Version header
+    model_id: str
+    language: str
+    max_concurrency: int        # the plan's limit of simultaneous requests
+    timeout: float              # seconds for a whole fallback call
+    spillover: bool             # also serve calls that waited past queue_timeout
+    ca_file: str                # CA bundle to verify the server with ("" = the system's)
+    voices: dict[str, str]      # local voice name -> Cartesia voice id; "default" for the rest
+
+
+@dataclass(frozen=True)
+class Route:
+    path: str                   # request path, exact
+    kind: str                   # chatterbox | openai | chattts
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    name: str
+    url: str
+    host: str
+    port: int
+    max_concurrency: int = 4
+    weight: int = 1
+    health_path: str = ""       # "" : no active probes
+
+
+@dataclass(frozen=True)
+class Config:
+    listen: Listen
+    limits: Limits
+    timeouts: Timeouts
+    pool: Pool
+    log: Log
+    balancer: Balancing
+    passive: Passive
+    active: Active
+    retry: Retry
+    admin: Admin
+    cartesia: Cartesia
+    backends: tuple[BackendConfig, ...]
+    routes: tuple[Route, ...] = ()
+    warnings: tuple[str, ...] = ()   # not errors, but worth a look: `--check` prints them
