@@ -10,12 +10,11 @@ import random
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from bench.processes import RESULTS_BASE
 from bench.throughput_args import _Parser
 from bench.world import (ALL_POLICIES, DEFAULT_CONCURRENCY, DEFAULT_DURATION_LB,
                          DEFAULT_DURATION_SIM, DEFAULT_POLICIES, DEFAULT_RTF, DEFAULT_TIME_SCALE,
                          NO_LIMIT)
-
-RESULTS_BASE = "bench-results"   # under the current directory, never inside the package
 
 def _int_in(lo: int, hi: int, what: str):
     def parse(text: str) -> int:

@@ -28,6 +28,7 @@ HOST = "127.0.0.1"
 START_TIMEOUT = 20.0      # a service must be ready within this
 STOP_TIMEOUT = 10.0       # after the stop signal, before SIGKILL
 TMP_PREFIX = "tts-lb-bench-"
+RESULTS_BASE = "bench-results"   # results go under ./bench-results/, never inside the package
 
 
 class BenchError(Exception):

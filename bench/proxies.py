@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from bench.fleet import Fleet, http_json, secs
-from bench.processes import HOST, BenchError, Service, Services, free_port
+from bench.processes import HOST, Service, Services, free_port
 from bench.world import (BASE_EJECTION, CARTESIA_CONCURRENCY, FIRST_BYTE, KEY_ENV, MAX_EJECTION,
                          NO_LIMIT, PROBE_INTERVAL, PROBE_TIMEOUT, QUEUE_TIMEOUT, SLOW_START,
                          SYNTH_PATH, VOICE_ID)
@@ -117,24 +117,19 @@ def start_lb(services: Services, tmp: Path, fleet: Fleet, args, policy: str,
 
 def start_haproxy(services: Services, tmp: Path, fleet: Fleet, args,
                   configs: dict[str, str]) -> tuple[Service, Path]:
-    for attempt in range(3):  # the free port could be taken between probe and bind: retry
-        port = free_port()
-        sock = tmp / f"haproxy-{port}.sock"
-        text = haproxy_config(fleet.ports, args, port, sock)
+    def argv_for_port(port: int) -> list[str]:
+        text = haproxy_config(fleet.ports, args, port, _stats_socket(tmp, port))
         conf = tmp / "haproxy.cfg"
         conf.write_text(text)
         configs["haproxy.cfg"] = text
-        svc = services.start("haproxy", ["haproxy", "-db", "-f", str(conf)])
-        try:
-            services.wait_port(svc, port)
-        except BenchError:
-            if svc.proc.poll() is not None and attempt < 2:
-                services.stop(svc)
-                continue
-            raise
-        svc.port = port
-        return svc, sock
-    raise AssertionError("unreachable")
+        return ["haproxy", "-db", "-f", str(conf)]
+
+    svc = services.start_on_free_port("haproxy", argv_for_port)
+    return svc, _stats_socket(tmp, svc.port)
+
+
+def _stats_socket(tmp: Path, port: int) -> Path:
+    return tmp / f"haproxy-{port}.sock"
 
 
 def check_haproxy(tmp: Path, args) -> str | None:

@@ -9,7 +9,7 @@ import json
 import time
 from pathlib import Path
 
-from bench.concurrency_args import RESULTS_BASE
+from bench.processes import RESULTS_BASE
 
 
 def results_dir(args, stamp: str | None = None) -> Path:

@@ -12,9 +12,9 @@ import sys
 import time
 from pathlib import Path
 
+from bench.processes import RESULTS_BASE
 from bench.throughput_profile import TOP_N
 
-RESULTS_BASE = "bench-results"   # --json with no PATH writes under ./bench-results/
 JSON_DEFAULT = object()          # --json given without a PATH
 
 

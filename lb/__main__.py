@@ -16,7 +16,7 @@ import signal
 import sys
 
 from . import __version__, logsetup
-from .config import Config, ConfigError, environment_warnings
+from .config import Config, ConfigError, warnings_for
 from .config_file import (ENV_CONFIG, LOCAL_PATH, SYSTEM_PATH, Loader, find,
                           packaged_default)
 from .config_values import worker_count
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"lb: config error: {exc}", file=sys.stderr)
         return 2
-    warnings = [*config.warnings, *environment_warnings(config, os.environ)]
+    warnings = warnings_for(config, os.environ)
     if args.check:
         for warning in warnings:
             print(f"warning: {warning}", file=sys.stderr)
@@ -232,7 +232,7 @@ class _Reloader:
             log.error("reload refused, still running the previous configuration: %s",
                       type(exc).__name__)
         else:
-            for warning in (*new.warnings, *environment_warnings(new, os.environ)):
+            for warning in warnings_for(new, os.environ):
                 log.warning("config: %s", warning)
             try:
                 self.balancer.reload(new)

@@ -95,6 +95,7 @@ class Backend:
             "name": self.name,
             "url": self.url,
             "state": health.state(now, self.in_flight),
+            "in_rotation": health.in_rotation(now),
             "admin": health.admin,
             "in_flight": self.in_flight,
             "peak_in_flight": self.peak_in_flight,

@@ -18,7 +18,7 @@ import re
 from typing import Mapping
 
 from .config import BACKEND_NAME, ConfigError
-from .config_values import backend_url
+from .config_values import backend_url, without_password
 
 ENV_BACKENDS = "TTS_LB_BACKENDS"
 
@@ -84,4 +84,4 @@ def _derived_name(host: str, port: int) -> str:
 
 def _shown(entry: str) -> str:
     """The entry as messages quote it: without a password, if it holds one."""
-    return repr(re.sub(r"//[^/@]*@", "//***@", entry))
+    return repr(without_password(entry))

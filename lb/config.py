@@ -258,14 +258,16 @@ def _backends(entries: Any, max_concurrency: int,
     return tuple(out), warnings
 
 
-def environment_warnings(config: Config, environ: Mapping[str, str]) -> list[str]:
-    """What the file cannot know: is the fallback's key in this environment?"""
+def warnings_for(config: Config, environ: Mapping[str, str]) -> list[str]:
+    """The file's warnings, and what the file cannot know: is the fallback's
+    key in this environment?"""
     cartesia = config.cartesia
     if cartesia.enabled and not environ.get(cartesia.api_key_env, "").strip():
-        return [f"fallback.cartesia.api_key_env: the fallback is enabled but "
+        return [*config.warnings,
+                f"fallback.cartesia.api_key_env: the fallback is enabled but "
                 f"{cartesia.api_key_env} is not set in this environment: calls the fleet "
                 "cannot serve will get 503 instead of a voice"]
-    return []
+    return list(config.warnings)
 
 
 def backend_key(name: str) -> str:
@@ -276,11 +278,15 @@ def backend_key(name: str) -> str:
 LOCAL_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
 
 
-def _is_loopback(host: str) -> bool:
+def _this_machine(host: str, names: set[str]) -> bool:
+    """Is `host` (lower case) a loopback or unspecified address (an IPv4 one
+    written as IPv6 included), or one of `names`?"""
     try:
-        return ipaddress.ip_address(host).is_loopback
+        ip = ipaddress.ip_address(host)
     except ValueError:
-        return False
+        return host in names
+    mapped = ip.ipv4_mapped if ip.version == 6 else None
+    return ip.is_loopback or ip.is_unspecified or (mapped is not None and mapped.is_loopback)
 
 
 def _not_ourselves(backends: tuple[BackendConfig, ...], host: str, port: int) -> None:
@@ -288,20 +294,16 @@ def _not_ourselves(backends: tuple[BackendConfig, ...], host: str, port: int) ->
     back into the balancer, round and round, until the queue filled."""
     if port == 0:
         return   # a port chosen at start cannot be anyone's backend yet
-    wildcard = host in ("0.0.0.0", "::", "")
+    listen = host.lower()
+    # Listening on every address (0.0.0.0, ::) or on loopback: a backend on
+    # this machine at the same port is us.  This machine's host name counts
+    # only for the backend: listening on the address it names is not loopback.
+    listen_local = not listen or _this_machine(listen, LOCAL_NAMES)
     here = LOCAL_NAMES | {socket.gethostname().lower()}
     for backend in backends:
-        if backend.port != port:
-            continue
         target = backend.host.lower()
-        try:
-            ip = ipaddress.ip_address(target)
-            ours = ip.is_loopback or ip.is_unspecified or (
-                ip.version == 6 and ip.ipv4_mapped is not None and ip.ipv4_mapped.is_loopback)
-        except ValueError:
-            ours = target in here
-        listen_local = host.lower() in LOCAL_NAMES or _is_loopback(host)
-        if target == host.lower() or ((wildcard or listen_local) and ours):
+        if backend.port == port and (target == listen or (
+                listen_local and _this_machine(target, here))):
             raise ConfigError(f"{backend_key(backend.name)}.url",
                               f"{backend.url} is the balancer's own listen address "
                               f"(listen.address {bracket(host)}:{port}): every call would "

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from .backend_list import from_entries, from_environment
+from .backend_list import ENV_BACKENDS, from_entries, from_environment
 from .config import Config, ConfigError, parse
 
 ENV_CONFIG = "TTS_LB_CONFIG"
@@ -67,11 +67,11 @@ class Loader:
     def __init__(self, source: Source, cli_backends: list[str], environ: Mapping[str, str]):
         self.source = source
         # Checked once, at start: a bad entry stops the start with its name.
-        self.backends, self.backends_from = (
-            (from_entries(cli_backends), "--backend") if cli_backends else
-            (from_environment(environ), "TTS_LB_BACKENDS"))
-        if self.backends is None:
-            self.backends_from = ""
+        if cli_backends:
+            self.backends, self.backends_from = from_entries(cli_backends), "--backend"
+        else:
+            self.backends = from_environment(environ)
+            self.backends_from = ENV_BACKENDS if self.backends is not None else ""
 
     def load(self) -> Config:
         try:

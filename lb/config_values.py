@@ -208,11 +208,16 @@ def clip(value: Any) -> str:
 # Section -> key -> (default, checker).  The single source of truth for which
 # keys exist; anything else in the file is an error that names it.
 
+def without_password(url: str) -> str:
+    """`url` as a message may quote it: any user:password@ shown as ***@."""
+    return re.sub(r"//[^/@]*@", "//***@", url)
+
+
 def backend_url(url: Any) -> tuple[str, int | None]:
     """'http://host:port' -> (host in its ASCII form, port or None when the URL has none)."""
     if not isinstance(url, str):
         raise ValueError(f"must be a string like \"http://127.0.0.1:6093\", got {show(url)}")
-    shown = re.sub(r"//[^/@]*@", "//***@", url)   # a password is not repeated
+    shown = without_password(url)
     try:
         parts = urlsplit(url)
         port = parts.port

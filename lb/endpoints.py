@@ -123,8 +123,7 @@ def metrics(balancer: "Balancer", request: h11.Request, peer: str) -> tuple[int,
     family("fallback_outcomes_total", "counter", "Cartesia requests by outcome.",
            by("outcome", fallback.get("outcomes", {}), OUTCOMES))
     family("backend_up", "gauge", "1 if the backend is in the rotation.",
-           [(f'{{backend="{b["name"]}"}}', int(b["state"] in ("up", "busy", "slow-start", "half-open")))
-            for b in backends])
+           [(f'{{backend="{b["name"]}"}}', int(b["in_rotation"])) for b in backends])
     family("backend_state", "gauge", "The backend's state (1 for the current one).",
            [(f'{{backend="{b["name"]}",state="{st}"}}', int(b["state"] == st))
             for b in backends for st in BACKEND_STATES])

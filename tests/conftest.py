@@ -93,8 +93,8 @@ class Backend(Process):
 
 
 class Balancer(Process):
-    def __init__(self, config_path: Path, preexec_fn=None):
-        super().__init__(["-m", "lb", "-c", str(config_path)], preexec_fn=preexec_fn)
+    def __init__(self, config_path: Path, preexec_fn=None, env: dict | None = None):
+        super().__init__(["-m", "lb", "-c", str(config_path)], preexec_fn=preexec_fn, env=env)
         try:
             self.port = int(self.wait_for_line(r"listening on 127\.0\.0\.1:(\d+)").group(1))
         except BaseException:
@@ -119,11 +119,12 @@ class Balancer(Process):
         raise AssertionError(f"{field} not in /proc/{self.proc.pid}/status")
 
 
-def lb_config(backends: list, **sections: dict) -> str:
+def lb_config(backends: list, routes=(), **sections: dict) -> str:
     """TOML text: a balancer on 127.0.0.1:0 in front of `backends`.
 
     Each backend is a URL, or a dict with "url" and any per-backend keys
     (max_concurrency, weight, health_path); they are named b0, b1, ...
+    `routes` are (path, kind) pairs, one [[route]] each.
     Sections are keyword arguments; dotted ones as **{"health.passive": {...}}.
     """
     merged = {"listen": {"address": "127.0.0.1:0"}, "log": {"access": True}}
@@ -137,6 +138,8 @@ def lb_config(backends: list, **sections: dict) -> str:
         entry = {"url": entry} if isinstance(entry, str) else entry
         out += ["[[backend]]", f'name = "b{i}"']
         out.extend(f"{key} = {json.dumps(value)}" for key, value in entry.items())
+    for path, kind in routes:
+        out += ["[[route]]", f"path = {json.dumps(path)}", f"kind = {json.dumps(kind)}"]
     return "\n".join(out) + "\n"
 
 
@@ -158,10 +161,11 @@ def start_backend():
 def start_lb(tmp_path):
     started: list[Balancer] = []
 
-    def start(backends: list[str], preexec_fn=None, **sections: dict) -> Balancer:
+    def start(backends: list[str], preexec_fn=None, env: dict | None = None, routes=(),
+              **sections: dict) -> Balancer:
         path = tmp_path / f"lb{len(started)}.toml"
-        path.write_text(lb_config(backends, **sections))
-        balancer = Balancer(path, preexec_fn=preexec_fn)
+        path.write_text(lb_config(backends, routes, **sections))
+        balancer = Balancer(path, preexec_fn=preexec_fn, env=env)
         started.append(balancer)
         return balancer
 
@@ -181,6 +185,22 @@ def lb(start_lb, backend) -> Balancer:
 
 
 # --- small synchronous HTTP helpers
+
+
+def two_step_call(conn, text: str) -> tuple[dict, bytes]:
+    """A Chatterbox two-step call on `conn` (an http.client connection):
+    POST /synthesize-json, then GET the audio_url it names, both answered
+    200; returns the JSON answer and the audio."""
+    conn.request("POST", "/synthesize-json", body=json.dumps({"text": text}).encode(),
+                 headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    answer = json.loads(resp.read())
+    assert resp.status == 200 and answer["success"] is True, answer
+    conn.request("GET", answer["audio_url"])
+    resp = conn.getresponse()
+    audio = resp.read()
+    assert resp.status == 200, (resp.status, audio[:200])
+    return answer, audio
 
 
 def get_json(port: int, path: str, timeout: float = 5.0) -> dict:

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import http.client
 import io
-import json
 import wave
 import socket
 import subprocess
 import sys
 
-from conftest import ROOT, Process, wait_until
+from conftest import ROOT, Process, two_step_call, wait_until
 
 
 def _run_lb(*args: str, timeout: float = 20) -> subprocess.CompletedProcess:
@@ -63,15 +62,8 @@ def test_demo_starts_a_fleet_that_answers_and_stops_it(tmp_path):
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         for _ in range(4):
             # A two-step Chatterbox call: synthesize, then fetch the audio it names.
-            conn.request("POST", "/synthesize-json", body=b'{"text": "Hello from the demo."}',
-                         headers={"Content-Type": "application/json"})
-            resp = conn.getresponse()
-            answer = json.loads(resp.read())
-            assert resp.status == 200 and answer["success"] is True, answer
-            conn.request("GET", answer["audio_url"])
-            resp = conn.getresponse()
-            audio = resp.read()
-            assert resp.status == 200 and audio[:4] == b"RIFF"
+            answer, audio = two_step_call(conn, "Hello from the demo.")
+            assert audio[:4] == b"RIFF"
             with wave.open(io.BytesIO(audio)) as wav:
                 assert wav.getframerate() == 24000
                 assert abs(wav.getnframes() / 24000 - answer["duration"]) < 0.01

@@ -12,7 +12,6 @@ from __future__ import annotations
 import http.client
 import importlib.metadata
 import importlib.util
-import json
 import os
 import re
 import shutil
@@ -25,7 +24,7 @@ from typing import Sequence
 
 import pytest
 
-from conftest import ROOT, Process, env_without_proxies, get_json
+from conftest import ROOT, Process, env_without_proxies, get_json, two_step_call
 
 SYSTEM_PATH = "/etc/tts-lb/lb.toml"   # between ./conf and the packaged default; never written here
 DEAD = "http://127.0.0.1:9"           # discard port: nothing listens there
@@ -267,15 +266,8 @@ def test_demo_from_an_empty_directory_answers_a_chatterbox_round_trip(demo):
     assert len(tries) == 3 and min(tries) > listening, "\n".join(lines)
     conn = http.client.HTTPConnection("127.0.0.1", demo.port, timeout=10)
     try:
-        conn.request("POST", "/synthesize-json", body=b'{"text": "Hello there."}',
-                     headers={"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        answer = json.loads(resp.read())
-        assert resp.status == 200 and answer["success"] is True, answer
-        conn.request("GET", answer["audio_url"])
-        resp = conn.getresponse()
-        audio = resp.read()
-        assert resp.status == 200 and audio[:4] == b"RIFF" and audio[8:12] == b"WAVE"
+        _, audio = two_step_call(conn, "Hello there.")
+        assert audio[:4] == b"RIFF" and audio[8:12] == b"WAVE"
     finally:
         conn.close()
 

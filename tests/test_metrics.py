@@ -17,8 +17,8 @@ import threading
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import (Backend, Balancer, Process, ScriptedBackend, connect, env_without_proxies,
-                      get_json, lb_config, read_head, wait_until)
+from conftest import (Backend, Process, ScriptedBackend, connect, env_without_proxies,
+                      get_json, read_head, wait_until)
 from lb.cartesia import OUTCOMES
 from lb.exchange import FALLBACK_REASONS
 from lb.latency import BOUNDS
@@ -36,35 +36,12 @@ VOICE = "694f9389-aac1-45b6-b726-9d9369183238"
 # --- processes and requests
 
 
-class EnvBalancer(Balancer):
-    """conftest's Balancer, started with an environment of its own (the fallback's key)."""
-
-    def __init__(self, config_path, env: dict | None = None):
-        Process.__init__(self, ["-m", "lb", "-c", str(config_path)], env=env)
-        try:
-            self.port = int(self.wait_for_line(r"listening on 127\.0\.0\.1:(\d+)").group(1))
-        except BaseException:
-            self.stop()
-            raise
-
-
 @pytest.fixture
-def start(tmp_path):
+def start(start_lb):
     """start(backends, routes=ROUTES, env=None, **sections) -> a running balancer."""
-    started: list[Balancer] = []
-
-    def run(backends: list, routes=ROUTES, env: dict | None = None, **sections) -> Balancer:
-        text = lb_config(backends, **sections)
-        text += "".join(f'[[route]]\npath = "{p}"\nkind = "{k}"\n' for p, k in routes)
-        path = tmp_path / f"lb{len(started)}.toml"
-        path.write_text(text)
-        lb = EnvBalancer(path, env)
-        started.append(lb)
-        return lb
-
-    yield run
-    for lb in started:
-        lb.stop_cleanly()
+    def run(backends: list, routes=ROUTES, env: dict | None = None, **sections):
+        return start_lb(backends, env=env, routes=routes, **sections)
+    return run
 
 
 @pytest.fixture
