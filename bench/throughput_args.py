@@ -7,13 +7,19 @@ of measuring, not after.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import shutil
 import sys
 import time
 from pathlib import Path
 
 from bench.processes import RESULTS_BASE
+from bench.throughput_clients import WORKLOADS
 from bench.throughput_profile import TOP_N
+from bench.throughput_targets import ENGINES
+
+ALL_WORKLOADS = (*WORKLOADS, "streams")
+MAX_STREAM_SECONDS = 600     # one stream's chunks x interval: every run stays bounded
 
 JSON_DEFAULT = object()          # --json given without a PATH
 
@@ -34,6 +40,18 @@ def _int_range(lo: int, hi: int, what: str):
             raise argparse.ArgumentTypeError(f"{what} must be between {lo} and {hi}, got {value}")
         return value
     return parse
+
+
+def _workloads(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",")]
+    for name in names:
+        if name not in ALL_WORKLOADS:
+            raise argparse.ArgumentTypeError(
+                f"unknown workload {name!r}: choose from {', '.join(ALL_WORKLOADS)}, "
+                "comma-separated")
+        if names.count(name) > 1:
+            raise argparse.ArgumentTypeError(f"workload {name!r} listed twice")
+    return [w for w in ALL_WORKLOADS if w in names]   # always run in the same order
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -66,7 +84,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="auto: nginx if on PATH, else backends.echo (default auto)")
     p.add_argument("--client", choices=("auto", "wrk", "python"), default="auto",
                    help="auto: wrk if on PATH, else the Python client (default auto)")
+    p.add_argument("--http", choices=(*ENGINES, "both"), default="both",
+                   help="the balancer's HTTP engine (python -m lb --http ENGINE); both: measure "
+                        "one balancer per engine in the same run (default both)")
+    p.add_argument("--workloads", type=_workloads, default=list(ALL_WORKLOADS),
+                   metavar="W,W,...",
+                   help=f"which workloads to run, from {', '.join(ALL_WORKLOADS)} "
+                        f"(default all)")
+    p.add_argument("--streams", type=_int_range(1, 2000, "--streams"), default=200,
+                   metavar="N", help="streams workload: concurrent streams per round "
+                                     "(default 200)")
+    p.add_argument("--stream-chunks", type=_int_range(1, 1000, "--stream-chunks"), default=20,
+                   metavar="N", help="streams workload: chunks per stream (default 20)")
+    p.add_argument("--stream-interval-ms", type=_int_range(1, 10_000, "--stream-interval-ms"),
+                   default=50, metavar="MS",
+                   help="streams workload: milliseconds between a stream's chunks (default 50)")
+    p.add_argument("--stream-chunk-bytes", type=_int_range(32, 1 << 20, "--stream-chunk-bytes"),
+                   default=2400, metavar="B",
+                   help="streams workload: bytes per chunk (default 2400: 50 ms of 24 kHz "
+                        "16-bit mono audio)")
     args = p.parse_args(argv)
+    args.engines = list(ENGINES) if args.http == "both" else [args.http]
 
     if args.backend == "nginx" and not shutil.which("nginx"):
         p.error("--backend nginx: nginx is not on PATH (apt-get install -y nginx)")
@@ -74,6 +112,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--client wrk: wrk is not on PATH (apt-get install -y wrk)")
     if args.profile_out and not args.profile:
         p.error("--profile-out needs --profile")
+    if args.profile and "small" not in args.workloads:
+        p.error("--profile profiles the small workload: add small to --workloads")
+    if "httptools" in args.engines and importlib.util.find_spec("httptools") is None:
+        p.error(f"--http {args.http}: the httptools engine needs httptools, which is not "
+                "installed (pip install httptools, or use --http h11)")
+    stream_s = args.stream_chunks * args.stream_interval_ms / 1000
+    if stream_s > MAX_STREAM_SECONDS:
+        p.error(f"--stream-chunks x --stream-interval-ms: a stream may last at most "
+                f"{MAX_STREAM_SECONDS} s, got {stream_s:g} s")
     for opt in ("json", "profile_out"):
         path = getattr(args, opt)
         if path is JSON_DEFAULT:   # under the cwd, never beside the code

@@ -85,7 +85,7 @@ def run_wrk(url: str, connections: int, duration: int, *, latency: bool,
     return parse_wrk(out.stdout)
 
 
-def _percentile(sorted_values: list[float], pct: float) -> float | None:
+def percentile(sorted_values: list[float], pct: float) -> float | None:
     if not sorted_values:
         return None
     rank = max(1, math.ceil(pct / 100 * len(sorted_values)))  # nearest rank
@@ -147,8 +147,8 @@ def py_small(port: int, path: str, connections: int, duration: float) -> Result:
                   for i in range(connections)], stop, duration)
     every = sorted(x * 1e3 for lats in latencies for x in lats)
     seconds = max(max(finished) - start, 1e-9)
-    return Result(rps=len(every) / seconds, p50_ms=_percentile(every, 50),
-                  p99_ms=_percentile(every, 99), requests=len(every), errors=sum(errors),
+    return Result(rps=len(every) / seconds, p50_ms=percentile(every, 50),
+                  p99_ms=percentile(every, 99), requests=len(every), errors=sum(errors),
                   seconds=seconds)
 
 

@@ -3,8 +3,9 @@
 Separate from the table because profiling slows the balancer down several times: its
 req/s is only a reference.  lb is started as `python -m cProfile -o FILE -m lb` and stopped
 with SIGINT, which lb handles by returning normally, so that cProfile gets to write its
-file.  The report names functions by their path under the repository (or site-packages,
-or the stdlib) so that the rows stay short and say whose code it is.
+file.  Each engine measured (--http) is profiled in turn.  The report names functions by
+their path under the repository (or site-packages, or the stdlib) so that the rows stay
+short and say whose code it is.
 """
 from __future__ import annotations
 
@@ -24,9 +25,16 @@ PROFILE_STOP_TIMEOUT = 60.0  # cProfile writes its file on the way out
 
 
 def run_profile(args, services: Services, tmp: Path, backend: Backend, client: Client) -> dict:
-    prof_path = tmp / "lb.prof"
-    log("starting lb under cProfile")
-    svc = start_lb(services, tmp, backend, args.connections, profile_path=prof_path)
+    """Each engine measured, profiled in turn: {engine: its profile}."""
+    return {engine: _profile_engine(args, services, tmp, backend, client, engine)
+            for engine in args.engines}
+
+
+def _profile_engine(args, services: Services, tmp: Path, backend: Backend, client: Client,
+                    engine: str) -> dict:
+    prof_path = tmp / f"lb-{engine}.prof"
+    log(f"starting lb --http {engine} under cProfile")
+    svc = start_lb(services, tmp, backend.port, args.connections, engine, profile_path=prof_path)
     r = client.small(svc.port, backend.small_path, args.connections, args.duration)
     log(f"profiled run: {r.rps:,.0f} req/s; stopping lb with SIGINT so cProfile saves")
     code = services.stop(svc, timeout=PROFILE_STOP_TIMEOUT)
@@ -37,11 +45,14 @@ def run_profile(args, services: Services, tmp: Path, backend: Backend, client: C
         raise BenchError(f"cProfile wrote no profile (lb exit code {code}); its log:\n"
                          f"{svc.log_tail()}")
     if args.profile_out:
-        shutil.copyfile(prof_path, Path(args.profile_out).expanduser())
-        log(f"raw profile kept at {args.profile_out} (python -m pstats {args.profile_out})")
+        out = Path(args.profile_out).expanduser()
+        if len(args.engines) > 1:   # one file per engine: lb.prof -> lb-h11.prof
+            out = out.with_name(f"{out.stem}-{engine}{out.suffix}")
+        shutil.copyfile(prof_path, out)
+        log(f"raw profile kept at {out} (python -m pstats {out})")
     top = profile_top(prof_path)
     print()
-    print(f"profile of lb under cProfile: small workload, {args.duration} s, "
+    print(f"profile of lb --http {engine} under cProfile: small workload, {args.duration} s, "
           f"c={args.connections}: {r.rps:,.0f} req/s with profiling overhead; "
           f"lb exit code on SIGINT: {code}")
     print("(tottime/cumtime in seconds, tt/call in microseconds; uvloop's transport methods "

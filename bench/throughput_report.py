@@ -1,8 +1,11 @@
-"""bench.throughput's output: the medians, the lb/haproxy and lb/direct ratios, the table, the JSON.
+"""bench.throughput's output: the medians, each balancer's ratios to HAProxy and to the
+backend directly, the table, the JSON.
 
 Pure functions of the runs' Results (no processes, no network), so that the numbers and
 their layout can be read and tested apart from the measuring.  Each cell is the median of
-its runs, with the min..max beside it: on a shared 2-core machine one run is noise.
+its runs, with the min..max beside it: on a shared 2-core machine one run is noise.  There
+is a row, and a pair of ratios, per balancer target ("lb-httptools", "lb-h11"): one per
+HTTP engine measured.
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from pathlib import Path
 
 from bench.processes import log
 from bench.throughput_clients import WORKLOADS, Result
-from bench.throughput_targets import TARGETS
+from bench.throughput_targets import lb_target, target_order
 
 
 def _median(values: list[float | None]) -> float | None:
@@ -36,18 +39,23 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
-def ratios(summary: dict) -> dict:
+def ratios(summary: dict, engines: list[str]) -> dict:
+    """{"lb-<engine>/haproxy": {...}, "lb-<engine>/direct": {...}} for each engine; a ratio
+    whose workload or target was not run is None."""
     out = {}
-    for other in ("haproxy", "direct"):
-        key = f"lb/{other}"
-        lb, them = summary["small"].get("lb"), summary["small"].get(other)
-        big_lb, big_them = summary["large"].get("lb"), summary["large"].get(other)
-        out[key] = {
-            "small_rps": _ratio(lb and lb["rps"], them and them["rps"]),
-            "small_p50": _ratio(lb and lb["p50_ms"], them and them["p50_ms"]),
-            "small_p99": _ratio(lb and lb["p99_ms"], them and them["p99_ms"]),
-            "large_mib_s": _ratio(big_lb and big_lb["mib_s"], big_them and big_them["mib_s"]),
-        }
+    small, large = summary.get("small", {}), summary.get("large", {})
+    for engine in engines:
+        lb = lb_target(engine)
+        for other in ("haproxy", "direct"):
+            ours, them = small.get(lb), small.get(other)
+            big_ours, big_them = large.get(lb), large.get(other)
+            out[f"{lb}/{other}"] = {
+                "small_rps": _ratio(ours and ours["rps"], them and them["rps"]),
+                "small_p50": _ratio(ours and ours["p50_ms"], them and them["p50_ms"]),
+                "small_p99": _ratio(ours and ours["p99_ms"], them and them["p99_ms"]),
+                "large_mib_s": _ratio(big_ours and big_ours["mib_s"],
+                                      big_them and big_them["mib_s"]),
+            }
     return out
 
 
@@ -70,52 +78,67 @@ def _spread(values: list[float | None], fmt: str) -> str:
     return f"{format(min(values), fmt)}..{format(max(values), fmt)}"
 
 
-def format_table(summary: dict, rat: dict, meta: dict, not_run: dict[str, str]) -> str:
+def format_table(summary: dict, rat: dict, meta: dict, not_run: dict[str, str],
+                 engines: list[str], workloads: list[str]) -> str:
+    """The small/large table: a row per target, each balancer's beside HAProxy's with its
+    ratio to HAProxy (req/s for small, MiB/s for large), then every ratio."""
     lines = []
     w = 9
-    head = (f"{'workload':<30} {'target':<8} {'req/s':>{w}} {'p50':>{w}} {'p99':>{w}} "
-            f"{'MiB/s':>{w}} {'errors':>6}  runs (min..max)")
+    head = (f"{'workload':<30} {'target':<13} {'req/s':>{w}} {'p50':>{w}} {'p99':>{w}} "
+            f"{'MiB/s':>{w}} {'errors':>6} {'x haproxy':>9}  runs (min..max)")
     lines += [head, "-" * len(head)]
     labels = {
         "small": f"small: GET / keep-alive, c={meta['connections']}",
         "large": f"large: GET {meta['body_mib']} MiB body, "
                  f"c={meta['large_connections']}",
     }
-    for wl in WORKLOADS:
+    workloads = [wl for wl in WORKLOADS if wl in workloads]
+    for wl in workloads:
         first = True
-        for target in TARGETS:
+        for target in target_order(engines):
             label = labels[wl] if first else ""
             first = False
             s = summary[wl].get(target)
             if s is None:
-                lines.append(f"{label:<30} {target:<8} not run ({not_run.get(target, 'skipped')})")
+                lines.append(f"{label:<30} {target:<13} not run ({not_run.get(target, 'skipped')})")
                 continue
+            key = "small_rps" if wl == "small" else "large_mib_s"
+            vs = rat.get(f"{target}/haproxy", {}).get(key)
+            vs_text = "" if vs is None else f"{vs:.2f}"
             if wl == "small":
                 spread = _spread(s["rps_runs"], ".0f") + (" req/s" if len(s["rps_runs"]) > 1
                                                          else "")
-                lines.append(f"{label:<30} {target:<8} {_num(s['rps'], ',.0f'):>{w}} "
+                lines.append(f"{label:<30} {target:<13} {_num(s['rps'], ',.0f'):>{w}} "
                              f"{format_ms(s['p50_ms']):>{w}} {format_ms(s['p99_ms']):>{w}} "
-                             f"{'-':>{w}} {s['errors']:>6}  {spread}")
+                             f"{'-':>{w}} {s['errors']:>6} {vs_text:>9}  {spread}")
             else:
                 spread = _spread(s["mib_s_runs"], ".0f") + (" MiB/s" if len(s["mib_s_runs"]) > 1
                                                            else "")
-                lines.append(f"{label:<30} {target:<8} {'-':>{w}} {'-':>{w}} {'-':>{w}} "
-                             f"{_num(s['mib_s'], ',.1f'):>{w}} {s['errors']:>6}  {spread}")
+                lines.append(f"{label:<30} {target:<13} {'-':>{w}} {'-':>{w}} {'-':>{w}} "
+                             f"{_num(s['mib_s'], ',.1f'):>{w}} {s['errors']:>6} {vs_text:>9}  "
+                             f"{spread}")
     lines.append("")
     lines.append("ratios (medians; throughput: higher is better for lb, latency: lower is better)")
-    lines.append(f"  {'':<22} {'lb/haproxy':>10} {'lb/direct':>10}")
-    for key, label in (("small_rps", "small req/s"), ("small_p50", "small p50 latency"),
-                       ("small_p99", "small p99 latency"), ("large_mib_s", "large MiB/s")):
-        lines.append(f"  {label:<22} {_num(rat['lb/haproxy'][key], '.2f'):>10} "
-                     f"{_num(rat['lb/direct'][key], '.2f'):>10}")
+    keys = [f"{lb_target(e)}/{other}" for other in ("haproxy", "direct") for e in engines]
+    cw = max(len(k) for k in keys)
+    lines.append(f"  {'':<22} " + " ".join(f"{k:>{cw}}" for k in keys))
+    rows = [("small_rps", "small req/s"), ("small_p50", "small p50 latency"),
+            ("small_p99", "small p99 latency"), ("large_mib_s", "large MiB/s")]
+    for key, label in rows:
+        if key.split("_")[0] not in workloads:
+            continue
+        lines.append(f"  {label:<22} " + " ".join(f"{_num(rat[k][key], '.2f'):>{cw}}"
+                                                  for k in keys))
     return "\n".join(lines)
 
 
 def write_json(path_text: str, *, meta: dict, summary: dict, rat: dict,
-               runs: dict[str, dict[str, list[Result]]], not_run: dict[str, str],
-               profile: dict | None) -> None:
-    """Everything the run found: meta, medians, ratios, every run, what was not run, the profile."""
-    doc = {"meta": meta, "summary": summary, "ratios": rat,
+               runs: dict[str, dict[str, list]], not_run: dict[str, str],
+               profile: dict | None, streams_added: dict | None = None) -> None:
+    """Everything the run found: meta, medians (summary[workload][target], streams too),
+    ratios, what each balancer adds to a streamed chunk, every run, what was not run, the
+    profile (per engine)."""
+    doc = {"meta": meta, "summary": summary, "ratios": rat, "streams_added": streams_added,
            "runs": {wl: {t: [vars(r) for r in by_target[t]] for t in by_target}
                     for wl, by_target in runs.items()},
            "not_run": not_run, "profile": profile}

@@ -5,7 +5,8 @@ the load clients can drive each one alike and the ratios compare only the proxie
 backend is nginx when it can be had (so that it is not the bottleneck), else the pure-Python
 backends.echo.  The balancer and HAProxy are configured for the data plane only (one
 backend, no limits that the load would hit; HAProxy single-threaded like the balancer).
-Each target is checked once before anything is measured.
+Each target is checked once before anything is measured.  There is one balancer per HTTP
+engine measured (`python -m lb --http ENGINE`), each its own target, "lb-<engine>".
 """
 from __future__ import annotations
 
@@ -18,7 +19,16 @@ from pathlib import Path
 
 from bench.processes import HOST, BenchError, Service, Services, tool_version
 
-TARGETS = ("direct", "lb", "haproxy")
+ENGINES = ("httptools", "h11")     # the balancer's --http choices that bench.throughput measures
+
+
+def lb_target(engine: str) -> str:
+    return f"lb-{engine}"
+
+
+def target_order(engines: list[str]) -> list[str]:
+    """The targets in the order they are run and shown: the ceiling, each balancer, HAProxy."""
+    return ["direct", *(lb_target(e) for e in engines), "haproxy"]
 
 
 @dataclass
@@ -100,9 +110,11 @@ def start_echo(services: Services, body_bytes: int) -> Backend:
                    svc.port, "/", f"/bytes?n={body_bytes}")
 
 
-def start_lb(services: Services, tmp: Path, backend: Backend, connections: int,
-             profile_path: Path | None = None) -> Service:
-    name = "lb-profiled" if profile_path else "lb"
+def start_lb(services: Services, tmp: Path, backend_port: int, connections: int, engine: str,
+             *, name: str | None = None, profile_path: Path | None = None) -> Service:
+    """`python -m lb --http ENGINE` in front of the backend on backend_port; `name` names its
+    config and log in tmp (one per balancer: several run side by side)."""
+    name = name or lb_target(engine) + ("-profiled" if profile_path else "")
     conf = tmp / f"{name}.toml"
     conf.write_text(f"""\
 # written by bench/throughput.py
@@ -121,26 +133,31 @@ max_concurrency = {max(1000, connections * 2)}   # the data plane, not the GPU l
 
 [[backend]]
 name = "bench"
-url = "http://{HOST}:{backend.port}"
+url = "http://{HOST}:{backend_port}"
 """)
+    lb_argv = ["-m", "lb", "-c", str(conf), "--http", engine]
     if profile_path is None:
-        argv = [sys.executable, "-m", "lb", "-c", str(conf)]
+        argv = [sys.executable, *lb_argv]
     else:  # cProfile writes its file when lb returns: stop it with SIGINT, which lb handles
-        argv = [sys.executable, "-m", "cProfile", "-o", str(profile_path), "-m", "lb",
-                "-c", str(conf)]
+        argv = [sys.executable, "-m", "cProfile", "-o", str(profile_path), *lb_argv]
     svc = services.start(name, argv, stop_signal=signal.SIGINT)
     match = services.wait_log(svc, r"listening on [\d.]+:(\d+)")
     svc.port = int(match.group(1))
     return svc
 
 
-def start_haproxy(services: Services, tmp: Path, backend: Backend) -> tuple[Service, str]:
+def start_haproxy(services: Services, tmp: Path, backend_port: int,
+                  name: str = "haproxy", streaming: bool = False) -> tuple[Service, str]:
     """HAProxy in front of the backend (not bench.proxies': that one is set up for a GPU
-    fleet, with limits, health checks and cookies that would only add work here)."""
+    fleet, with limits, health checks and cookies that would only add work here).
+    `streaming` adds `option http-no-delay`: by default HAProxy sends body data with
+    MSG_MORE, so the kernel holds a small chunk up to 200 ms waiting for more; a streaming
+    deployment turns that off, and the streams workload measures it that way."""
     version = tool_version(["haproxy", "-v"], r"version (\S+)")
+    no_delay = "    option http-no-delay\n" if streaming else ""
 
     def argv_for_port(port: int) -> list[str]:
-        conf = tmp / "haproxy.cfg"
+        conf = tmp / f"{name}.cfg"
         conf.write_text(f"""\
 # written by bench/throughput.py: HTTP mode, keep-alive both sides, single-threaded
 global
@@ -151,7 +168,7 @@ defaults
     mode http
     option http-keep-alive
     http-reuse always
-    timeout connect 5s
+{no_delay}    timeout connect 5s
     timeout client 60s
     timeout server 60s
     timeout http-request 10s
@@ -162,11 +179,11 @@ frontend bench_in
     default_backend bench_out
 
 backend bench_out
-    server backend1 {HOST}:{backend.port}
+    server backend1 {HOST}:{backend_port}
 """)
         return ["haproxy", "-db", "-f", str(conf)]
 
-    return services.start_on_free_port("haproxy", argv_for_port), version
+    return services.start_on_free_port(name, argv_for_port), version
 
 
 def sanity_check(name: str, port: int, backend: Backend, body_bytes: int) -> None:

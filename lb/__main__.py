@@ -15,12 +15,14 @@ import os
 import signal
 import sys
 
-from . import __version__, logsetup
-from .config import Config, ConfigError, warnings_for
-from .config_file import (ENV_CONFIG, LOCAL_PATH, SYSTEM_PATH, Loader, find,
+from . import __version__
+from .control import logsetup
+from .control.config import Config, ConfigError, warnings_for
+from .control.config_file import (ENV_CONFIG, LOCAL_PATH, SYSTEM_PATH, Loader, find,
                           packaged_default)
-from .config_values import worker_count
-from .fdlimit import FdLimit, raise_nofile
+from .control.config_values import worker_count
+from .control.fdlimit import FdLimit, raise_nofile
+from .wire import engines
 
 log = logging.getLogger("lb")
 
@@ -79,6 +81,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_workers, default=0, metavar="N|auto",
                    help="worker processes, each with its own SO_REUSEPORT socket "
                         "(default: listen.workers from the file, 1 as shipped)")
+    p.add_argument("--http", choices=engines.CHOICES, default=None,
+                   help="HTTP engine: httptools (llhttp, C) or h11 (pure Python); auto = "
+                        "httptools when installed (default: listen.http from the file, "
+                        "auto as shipped)")
     p.add_argument("--version", action="version", version=f"tts-lb {__version__}",
                    help="print the version and exit")
     return p
@@ -91,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         source = find(args.config, os.environ)
-        loader = Loader(source, args.backend, os.environ)
+        loader = Loader(source, args.backend, os.environ, http=args.http)
         config = loader.load()
     except ConfigError as exc:
         print(f"lb: config error: {exc}", file=sys.stderr)
@@ -116,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     workers = args.workers or config.listen.workers
     try:
         if args.demo:
-            from .demo import demo_fleet
+            from .control.demo import demo_fleet
             with demo_fleet(config):
                 return _start(config, fd, loader, workers, demo=True)
         return _start(config, fd, loader, workers)
@@ -127,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
 def _start(config: Config, fd: FdLimit, loader: Loader, workers: int, demo: bool = False) -> int:
     if workers <= 1:
         return _run(config, fd, loader, demo=demo)
-    from .supervisor import supervise
+    from .control.supervisor import supervise
     return supervise(config, workers,
                      lambda cfg: _run(cfg, fd, loader, reuse_port=True, demo=demo),
                      lambda: _load_for_reload(loader))
@@ -150,7 +156,7 @@ def _run(config: Config, fd: FdLimit, loader: Loader, reuse_port: bool = False,
 
 async def _serve(config: Config, fd: FdLimit, loader: Loader, reuse_port: bool,
                  demo: bool) -> int:
-    from .balancer import Balancer
+    from .control.balancer import Balancer
 
     loop = asyncio.get_running_loop()
     balancer = Balancer(config, loop, fd)
@@ -193,7 +199,7 @@ async def _serve(config: Config, fd: FdLimit, loader: Loader, reuse_port: bool,
                   exc.strerror or exc)
         return 1
     if demo and balancer.worker <= 1:
-        from .demo import what_to_try
+        from .control.demo import what_to_try
         for line in what_to_try(config, balancer.address[1]):   # only now: the port is open
             log.info("%s", line)
     await stop.wait()

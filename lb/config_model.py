@@ -23,6 +23,7 @@ class Listen:
     port: int
     workers: int = 1            # processes, each with its own SO_REUSEPORT socket
     drain_timeout: float = 30.0  # on SIGTERM, how long in-flight requests may finish
+    http: str = "auto"          # the HTTP engine: auto | httptools | h11
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class Limits:
     max_header_bytes: int
     max_body_bytes: int
     write_buffer_high: int  # per transport; reading the other side pauses above it
+    max_response_header_bytes: int = 65536   # a backend's response head
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,7 @@ class Timeouts:
     connect: float
     first_byte: float
     idle: float
+    client_body: float = 30.0   # the whole request body must arrive within this
 
 
 @dataclass(frozen=True)

@@ -92,9 +92,27 @@ class Backend(Process):
         get_json(self.port, "/_stats/reset")
 
 
+# Both HTTP engines give the same behaviour: every test that starts a
+# balancer through `start_lb` (or the `lb` fixture, or takes `http_engine`)
+# runs once with each.
+ENGINES = ("httptools", "h11")
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def http_engine(request) -> str:
+    return request.param
+
+
+def lb_args(config_path, http: str | None = None) -> list[str]:
+    """`python -m lb` arguments for a config file, with an engine if given."""
+    return ["-m", "lb", "-c", str(config_path), *(["--http", http] if http else [])]
+
+
 class Balancer(Process):
-    def __init__(self, config_path: Path, preexec_fn=None, env: dict | None = None):
-        super().__init__(["-m", "lb", "-c", str(config_path)], preexec_fn=preexec_fn, env=env)
+    def __init__(self, config_path: Path, preexec_fn=None, env: dict | None = None,
+                 http: str | None = None):
+        super().__init__(lb_args(config_path, http), preexec_fn=preexec_fn, env=env)
+        self.http = http
         try:
             self.port = int(self.wait_for_line(r"listening on 127\.0\.0\.1:(\d+)").group(1))
         except BaseException:
@@ -158,14 +176,14 @@ def start_backend():
 
 
 @pytest.fixture
-def start_lb(tmp_path):
+def start_lb(tmp_path, http_engine):
     started: list[Balancer] = []
 
     def start(backends: list[str], preexec_fn=None, env: dict | None = None, routes=(),
               **sections: dict) -> Balancer:
         path = tmp_path / f"lb{len(started)}.toml"
         path.write_text(lb_config(backends, routes, **sections))
-        balancer = Balancer(path, preexec_fn=preexec_fn, env=env)
+        balancer = Balancer(path, preexec_fn=preexec_fn, env=env, http=http_engine)
         started.append(balancer)
         return balancer
 

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lb.backend_list import ENV_BACKENDS, from_entries, from_environment
-from lb.config import BACKEND_NAME, ConfigError, parse
+from lb.control.backend_list import ENV_BACKENDS, from_entries, from_environment
+from lb.control.config import BACKEND_NAME, ConfigError, parse
 
 
 def test_the_in_app_list_pastes_as_it_is():

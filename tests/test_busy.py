@@ -23,7 +23,7 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import wait_until
-from lb.probe import probe_once
+from lb.scheduling.probe import probe_once
 from tests.test_sim_tts import Sim
 
 INTERVAL, TIMEOUT, FALL = 2.0, 1.0, 3

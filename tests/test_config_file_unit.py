@@ -1,4 +1,4 @@
-"""lb.config_file on real files in tmp_path: where the configuration comes
+"""lb.control.config_file on real files in tmp_path: where the configuration comes
 from, and reading that cannot block, blow up or swallow the machine."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from lb import config_file
-from lb.config import ConfigError
-from lb.config_file import (ENV_CONFIG, MAX_FILE_BYTES, MAX_ITEMS, PACKAGED_PATH, Loader, find,
+from lb.control import config_file
+from lb.control.config import ConfigError
+from lb.control.config_file import (ENV_CONFIG, MAX_FILE_BYTES, MAX_ITEMS, PACKAGED_PATH, Loader, find,
                             load, read)
 
 GOOD = '[[backend]]\nname = "a"\nurl = "http://127.0.0.1:7001"\n'

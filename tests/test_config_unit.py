@@ -19,8 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import lb.policy
-from lb.config import (
+import lb.scheduling.policy
+from lb.control.config import (
     BACKEND_KEYS,
     ROUTE_KINDS,
     SECTIONS,
@@ -41,7 +41,7 @@ from lb.config import (
     Timeouts,
     parse,
 )
-from lb.config_file import load
+from lb.control.config_file import load
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf" / "lb.toml"
@@ -513,18 +513,18 @@ POLICY_NAMES = ["least_conn", "p2c", "random", "round_robin"]
 
 
 def test_policy_names_match_lb_policy():
-    assert sorted(lb.policy.POLICIES) == POLICY_NAMES
+    assert sorted(lb.scheduling.policy.POLICIES) == POLICY_NAMES
     # The reason for a bad policy lists exactly what config accepts.
     exc = error_of(minimal(balancer={"policy": "nope"}))
     listed = re.fullmatch(r"must be one of (.*), got string 'nope'", exc.reason)
     assert listed, exc.reason
-    assert listed.group(1).split(", ") == sorted(lb.policy.POLICIES)
+    assert listed.group(1).split(", ") == sorted(lb.scheduling.policy.POLICIES)
 
 
-@pytest.mark.parametrize("name", sorted(lb.policy.POLICIES))
+@pytest.mark.parametrize("name", sorted(lb.scheduling.policy.POLICIES))
 def test_every_lb_policy_is_accepted(name):
     assert parse(minimal(balancer={"policy": name})).balancer.policy == name
-    assert lb.policy.make(name).name == name
+    assert lb.scheduling.policy.make(name).name == name
 
 
 @pytest.mark.parametrize("bad", ["LEAST_CONN", "least-conn", "roundrobin", "", "p2c ",
@@ -1546,7 +1546,7 @@ networks = st.one_of(
 @settings(max_examples=100, deadline=None)
 @given(
     balancer=st.fixed_dictionaries({
-        "policy": st.sampled_from(sorted(lb.policy.POLICIES)),
+        "policy": st.sampled_from(sorted(lb.scheduling.policy.POLICIES)),
         "max_concurrency": st.integers(1, 100_000),
         "queue_limit": st.integers(0, 1_000_000),
         "queue_timeout": positive_seconds,

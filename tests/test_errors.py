@@ -78,7 +78,9 @@ def test_413_reaches_a_client_that_keeps_uploading(start_backend, start_lb):
 
 def test_chunked_body_growing_past_the_limit_is_413(start_backend, start_lb):
     backend = start_backend()
-    lb = start_lb([backend.url], limits={"max_body_bytes": 1000})
+    # (replay_max_bytes 0: the body is streamed, so the request is at the
+    # backend already when the body outgrows the limit)
+    lb = start_lb([backend.url], limits={"max_body_bytes": 1000}, retry={"replay_max_bytes": 0})
     with connect(lb.port) as sock:
         sock.sendall(b"POST /headers HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
                      b"200\r\n" + b"z" * 512 + b"\r\n")
@@ -201,8 +203,11 @@ def test_client_disconnect_frees_the_backend_connection_at_once(lb, backend):
     assert "status=499" in lb.wait_for_line(r"path=\"/hang\"").string
 
 
-def test_client_disconnect_mid_upload_frees_the_backend(lb, backend):
-    backend.reset_stats()
+def test_client_disconnect_mid_upload_frees_the_backend(start_backend, start_lb):
+    # A body over retry.replay_max_bytes is streamed: it is at the backend
+    # while it comes, and a client that leaves frees the backend at once.
+    backend = start_backend()
+    lb = start_lb([backend.url], retry={"replay_max_bytes": 1000})
     sock = connect(lb.port)
     sock.sendall(b"POST /headers HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n"
                  + b"a" * 10000)
@@ -226,7 +231,7 @@ def test_balancer_survives_garbage_connections(lb):
 
 def test_client_stalling_mid_upload_gets_408_and_frees_the_backend(start_backend, start_lb):
     backend = start_backend()
-    lb = start_lb([backend.url], timeouts={"idle": 1.0})
+    lb = start_lb([backend.url], timeouts={"idle": 1.0}, retry={"replay_max_bytes": 0})
     with connect(lb.port) as sock:
         sock.sendall(b"POST /headers HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789")
         wait_until(lambda: backend.stats()["requests_in_flight"] == 1, what="request at the backend")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lb.expiring import ExpiringMap
+from lb.scheduling.expiring import ExpiringMap
 
 
 class Clock:

@@ -29,7 +29,7 @@ import zipfile
 import pytest
 import trustme
 
-from conftest import Backend, Balancer, Process, env_without_proxies, wait_until
+from conftest import Backend, Balancer, Process, env_without_proxies, lb_args, wait_until
 
 KEY = "sk_car_" + secrets.token_hex(16)          # what the balancer is given
 OTHER_KEY = "sk_car_" + secrets.token_hex(16)    # a fake configured with another key
@@ -100,8 +100,8 @@ class FakeCartesia(Process):
 class LB(Balancer):
     """conftest's Balancer, started with the API key in its environment."""
 
-    def __init__(self, config_path, env: dict):
-        Process.__init__(self, ["-m", "lb", "-c", str(config_path)], env=env)
+    def __init__(self, config_path, env: dict, http: str | None = None):
+        Process.__init__(self, lb_args(config_path, http), env=env)
         self.port = _port_from(self, "balancer")
 
 
@@ -157,8 +157,9 @@ def lb_toml(backends: list, *, fallback: dict | None = None, voices: dict | None
 class Stack:
     """Everything one test (or module) started; stopped in reverse at the end."""
 
-    def __init__(self, directory):
+    def __init__(self, directory, http: str | None = None):
         self.dir = directory
+        self.http = http        # the HTTP engine of every balancer it starts
         self.balancers: list[LB] = []
         self.others: list[Process] = []
 
@@ -184,7 +185,7 @@ class Stack:
         env.pop("CARTESIA_API_KEY", None)
         if key is not None:
             env[KEY_ENV] = key
-        balancer = LB(path, env)
+        balancer = LB(path, env, self.http)
         self.balancers.append(balancer)
         return balancer
 
@@ -205,8 +206,8 @@ class Stack:
 
 
 @pytest.fixture
-def stack(tmp_path):
-    s = Stack(tmp_path)
+def stack(tmp_path, http_engine):
+    s = Stack(tmp_path, http_engine)
     yield s
     s.close()
 
@@ -371,9 +372,9 @@ def assert_no_key(*texts) -> None:
 
 
 @pytest.fixture(scope="module")
-def down(tmp_path_factory):
+def down(tmp_path_factory, http_engine):
     """Two backends on closed ports behind a balancer with the fallback on."""
-    s = Stack(tmp_path_factory.mktemp("down"))
+    s = Stack(tmp_path_factory.mktemp("down"), http_engine)
     try:
         s.fake_ = s.fake("--rtf", "0.05")
         # Both may be ejected at once (the default cap of 50 % would keep one in).

@@ -18,8 +18,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lb import fdlimit
-from lb.fdlimit import RESERVE, FdLimit, connection_cap, raise_nofile
+from lb.control import fdlimit
+from lb.control.fdlimit import RESERVE, FdLimit, connection_cap, raise_nofile
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -169,7 +169,7 @@ def test_never_lowers_an_already_higher_soft_limit(fake):
 def run_in_child(soft: int, hard: int, asked: int) -> dict:
     code = textwrap.dedent(f"""
         import json, resource
-        from lb.fdlimit import raise_nofile
+        from lb.control.fdlimit import raise_nofile
         resource.setrlimit(resource.RLIMIT_NOFILE, ({soft}, {hard}))
         got = raise_nofile({asked})
         print(json.dumps(dict(asked=got.asked, soft_before=got.soft_before, hard=got.hard,

@@ -11,10 +11,10 @@ import random
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lb.config import Active, Passive
+from lb.control.config import Active, Passive
 import pytest
 
-from lb.health import BUSY, DRAIN, MAINT, READY, Health, probe_inconclusive
+from lb.scheduling.health import BUSY, DRAIN, MAINT, READY, Health, probe_inconclusive
 
 T0 = 1000.0   # a monotonic-looking start time
 

@@ -125,8 +125,8 @@ def _one_line(err: str) -> str:
 
 def test_the_program_under_test_is_the_installed_one_not_the_clone(installed):
     out = subprocess.run(
-        [sys.executable, "-c", "import lb, lb.config_file, backends; "
-         "print(lb.__file__); print(backends.__file__); print(lb.config_file.PACKAGED_PATH)"],
+        [sys.executable, "-c", "import lb, lb.control.config_file, backends; "
+         "print(lb.__file__); print(backends.__file__); print(lb.control.config_file.PACKAGED_PATH)"],
         cwd=installed.cwd, env=installed.env, capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
     for line in out.stdout.splitlines():
@@ -293,7 +293,7 @@ def test_help_describes_the_program_and_every_option_with_its_default(installed)
     entries = re.split(r"\n(?=  -)", options)
     by_flag = {re.findall(r"--[\w-]+", entry)[0]: " ".join(entry.split()) for entry in entries}
     assert set(by_flag) == {"--help", "--config", "--check", "--print-config", "--backend",
-                            "--demo", "--workers", "--version"}
+                            "--demo", "--workers", "--http", "--version"}
     assert by_flag["--config"].startswith("-c FILE, --config FILE")
     # --help and --version print something and exit: nothing to default.
     for flag, entry in by_flag.items():

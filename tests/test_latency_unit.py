@@ -10,11 +10,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lb.backend import FAILURE_KINDS
-from lb.cartesia import OUTCOMES
-from lb.latency import (BOUNDS, NBUCKETS, QUANTILES, Histogram, LatencyBook, Window, quantile,
+from lb.scheduling.backend import FAILURE_KINDS
+from lb.tts.cartesia import OUTCOMES
+from lb.proxy.latency import (BOUNDS, NBUCKETS, QUANTILES, Histogram, LatencyBook, Window, quantile,
                         summary)
-from lb.retry import DENIAL_REASONS, RETRYABLE_KINDS, retry_reasons
+from lb.scheduling.retry import DENIAL_REASONS, RETRYABLE_KINDS, retry_reasons
 
 durations = st.floats(min_value=0.0, max_value=200.0, allow_nan=False)
 # Values on the bounds themselves, where an off-by-one would show.

@@ -25,7 +25,7 @@ STREAM_CHUNKS, STREAM_SIZE = 10, 1000
 
 
 @pytest.fixture
-def run_lb(tmp_path):
+def run_lb(tmp_path, http_engine):
     """Start `python -m lb -c FILE`; returns (Balancer, config path).
 
     At the end: SIGTERM (if still running), then no traceback in the output;
@@ -36,7 +36,7 @@ def run_lb(tmp_path):
     def start(backends: list, **sections) -> tuple[Balancer, "os.PathLike"]:
         path = tmp_path / f"lb{len(started)}.toml"
         path.write_text(lb_config(backends, **sections))
-        balancer = Balancer(path)
+        balancer = Balancer(path, http=http_engine)
         started.append(balancer)
         return balancer, path
 

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lb.policy import POLICIES, LeastConn, PowerOfTwo, RoundRobin, WeightedRandom, make
+from lb.scheduling.policy import POLICIES, LeastConn, PowerOfTwo, RoundRobin, WeightedRandom, make
 
 
 class Stub:

@@ -11,12 +11,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lb.backend import Backend
-from lb.config import Active, BackendConfig, Passive
-from lb.health import MAINT, READY, Health
-from lb.policy import LeastConn
-from lb.probe import verdict
-from lb.scheduler import NO_BACKEND, Scheduler, Ticket
+from lb.scheduling.backend import Backend
+from lb.control.config import Active, BackendConfig, Passive
+from lb.scheduling.health import MAINT, READY, Health
+from lb.scheduling.policy import LeastConn
+from lb.scheduling.probe import verdict
+from lb.scheduling.scheduler import NO_BACKEND, Scheduler, Ticket
 
 T0 = 1000.0
 PASSIVE = Passive(consecutive_failures=1, consecutive_5xx=1, statuses=(500, 502, 503, 504),

@@ -1,4 +1,4 @@
-"""lb.redact, sans-io: the masking step every log line passes through.
+"""lb.tts.redact, sans-io: the masking step every log line passes through.
 
 The oracle here is written independently of lb.redact: a text "holds the
 key" when any 8 consecutive characters of it equal 8 consecutive characters
@@ -13,8 +13,10 @@ import secrets as _random
 import pytest
 from hypothesis import assume, given, settings, strategies as st
 
-from lb import accesslog, logsetup, redact
-from lb.redact import MARKER, Filter, Secrets
+from lb.control import accesslog
+from lb.control import logsetup
+from lb.tts import redact
+from lb.tts.redact import MARKER, Filter, Secrets
 
 KEY_CHARS = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-"
 keys = st.text(KEY_CHARS, min_size=20, max_size=56).map(lambda tail: "sk_car_" + tail)

@@ -27,11 +27,11 @@ REFUSED = "reload refused, still running the previous configuration: "
 
 
 @pytest.fixture
-def running(tmp_path, backend):
+def running(tmp_path, backend, http_engine):
     """A balancer started from tmp_path/lb.toml (least_conn, limit 4) before `backend`."""
     path = tmp_path / "lb.toml"
     path.write_text(lb_config([backend.url]))
-    lb = Balancer(path)
+    lb = Balancer(path, http=http_engine)
     lb.config_path = path
     yield lb
     lb.stop_cleanly()   # exit 0, no traceback

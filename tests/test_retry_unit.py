@@ -9,8 +9,8 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lb.config import Retry
-from lb.retry import RECENT, RETRYABLE_KINDS, RetryBudget
+from lb.control.config import Retry
+from lb.scheduling.retry import RECENT, RETRYABLE_KINDS, RetryBudget
 
 
 def cfg(**kw) -> Retry:

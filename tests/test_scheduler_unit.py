@@ -15,11 +15,11 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from lb.backend import Backend
-from lb.config import Active, BackendConfig, Passive
-from lb.health import DRAIN, MAINT, READY
-from lb.policy import POLICIES, make
-from lb.scheduler import NO_BACKEND, QUEUE_FULL, Scheduler, Ticket
+from lb.scheduling.backend import Backend
+from lb.control.config import Active, BackendConfig, Passive
+from lb.scheduling.health import DRAIN, MAINT, READY
+from lb.scheduling.policy import POLICIES, make
+from lb.scheduling.scheduler import NO_BACKEND, QUEUE_FULL, Scheduler, Ticket
 
 T0 = 1000.0
 

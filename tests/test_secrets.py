@@ -64,8 +64,8 @@ def check_output(lb) -> None:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    s = Stack(tmp_path_factory.mktemp("secrets"))
+def world(tmp_path_factory, http_engine):
+    s = Stack(tmp_path_factory.mktemp("secrets"), http_engine)
     try:
         s.fake_ = s.fake("--rtf", "0", key=KEY)
         s.lb_ = s.lb([closed_port_url()], fallback={"url": s.fake_.url}, key=KEY,
@@ -142,8 +142,9 @@ def test_after_misbehaving_the_fallback_still_serves(world):
     assert reply.status == 200 and reply.json()["success"] is True, reply
 
 
-def test_unauthorized_quoting_the_key_makes_the_fallback_unusable_and_says_only_that(tmp_path):
-    s = Stack(tmp_path)
+def test_unauthorized_quoting_the_key_makes_the_fallback_unusable_and_says_only_that(
+        tmp_path, http_engine):
+    s = Stack(tmp_path, http_engine)
     try:
         fake = s.fake("--rtf", "0", "--misbehave", "quote-key-401", key=KEY)
         lb = s.lb([closed_port_url()], fallback={"url": fake.url}, key=KEY)
@@ -164,9 +165,9 @@ def test_unauthorized_quoting_the_key_makes_the_fallback_unusable_and_says_only_
 
 
 @pytest.mark.parametrize("mode", ["bad-status-line", "bad-header-line"])
-def test_an_x_api_key_version_quoted_back_is_masked_too(tmp_path, mode):
+def test_an_x_api_key_version_quoted_back_is_masked_too(tmp_path, mode, http_engine):
     # Versions before 2025-04-16 send the bare key in X-API-Key: quoted back, no "Bearer".
-    s = Stack(tmp_path)
+    s = Stack(tmp_path, http_engine)
     try:
         fake = s.fake("--rtf", "0", "--misbehave", mode, key=KEY)
         lb = s.lb([closed_port_url()], fallback={"url": fake.url, "version": "2024-11-13"},

@@ -107,7 +107,10 @@ def test_large_download_to_a_stalled_client_is_not_buffered(lb):
     assert growth_mib < 8, f"balancer peak memory grew {growth_mib:.1f} MiB"
 
 
-def test_chunked_upload_streams_through(lb):
+def test_chunked_upload_streams_through(start_backend, start_lb):
+    # A body that cannot be kept for a retry (over retry.replay_max_bytes,
+    # here 0) is streamed: it takes its slot and goes on as it comes.
+    lb = start_lb([start_backend().url], retry={"replay_max_bytes": 0})
     with connect(lb.port, timeout=10) as sock:
         sock.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
         reader = RawReader(sock)

@@ -1,4 +1,4 @@
-"""lb.timer.Deadline on real event loops (asyncio and uvloop), with short times.
+"""lb.wire.timer.Deadline on real event loops (asyncio and uvloop), with short times.
 
 Lower bounds are checked against loop.time() (a stall can only make a timer
 later); upper bounds only by ordering against marker timers, never against
@@ -12,7 +12,7 @@ import asyncio
 import pytest
 import uvloop
 
-from lb.timer import Deadline
+from lb.wire.timer import Deadline
 
 SLACK = 0.005  # uvloop timers have millisecond resolution
 

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lb import translate as tr
+from lb.tts import translate as tr
 
 VOICES = {"default": "11111111-1111-1111-1111-111111111111",
           "alloy": "22222222-2222-2222-2222-222222222222"}

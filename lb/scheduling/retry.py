@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 from collections import Counter, deque
 
-from .config import Retry
+from ..config_model import Retry
 
 # Connection-level failures worth another backend: nothing reached the
 # client yet and the backend did not answer.  An idle timeout while the

@@ -35,7 +35,7 @@ from collections import deque
 from typing import Callable, Protocol, Sequence
 
 from .backend import Backend
-from .config import Passive
+from ..config_model import Passive
 from .health import probe_inconclusive
 from .policy import Policy
 

@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from .backend import Backend
     from .scheduler import Scheduler
 
-from .config import Active
+from ..config_model import Active
 from .health import MAINT
 
 log = logging.getLogger("lb")

@@ -43,7 +43,7 @@ from __future__ import annotations
 import math
 import random
 
-from .config import Active, Passive
+from ..config_model import Active, Passive
 
 READY, DRAIN, MAINT = "ready", "drain", "maint"
 ADMIN_STATES = (READY, DRAIN, MAINT)

@@ -15,7 +15,8 @@ import sys
 import time
 from typing import TextIO
 
-from . import accesslog, redact
+from . import accesslog
+from ..tts import redact
 
 DIAGNOSTIC_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 

@@ -13,23 +13,24 @@ import ipaddress
 import time
 from typing import TYPE_CHECKING, Callable
 
-import h11
 import orjson
 
-from . import headers as hdr
+from ..wire import headers as hdr
+from ..wire.framing import Request
+from .. import __version__
 from . import stats_page
-from .cartesia import OUTCOMES
-from .exchange import FALLBACK_REASONS
-from .health import ADMIN_STATES
-from .latency import BOUNDS, LatencyBook
-from .retry import DENIAL_REASONS, retry_reasons, status_reason
+from ..tts.cartesia import OUTCOMES
+from ..proxy.phases import FALLBACK_REASONS
+from ..scheduling.health import ADMIN_STATES
+from ..proxy.latency import BOUNDS, LatencyBook
+from ..scheduling.retry import DENIAL_REASONS, retry_reasons, status_reason
 
 if TYPE_CHECKING:
     from .balancer import Balancer
     from .config import Config
 
 JSON = b"application/json"
-Handler = Callable[["Balancer", h11.Request, str], tuple[int, bytes, bytes]]
+Handler = Callable[["Balancer", Request, str], tuple[int, bytes, bytes]]
 Route = tuple[Handler, tuple[bytes, ...]]   # handler, methods it takes
 
 ADMIN_PREFIX = b"/lb/backends/"
@@ -42,7 +43,7 @@ class EndpointError(Exception):
         self.reason = reason
 
 
-def health(balancer: "Balancer", request: h11.Request, peer: str) -> tuple[int, bytes, bytes]:
+def health(balancer: "Balancer", request: Request, peer: str) -> tuple[int, bytes, bytes]:
     now = time.monotonic()
     usable = sum(1 for b in balancer.backends if b.health.in_rotation(now))
     fallback = balancer.fallback_snapshot()
@@ -55,14 +56,14 @@ def health(balancer: "Balancer", request: h11.Request, peer: str) -> tuple[int, 
     return (503 if status == "unavailable" else 200), JSON, orjson.dumps(body)
 
 
-def lb_stats(balancer: "Balancer", request: h11.Request, peer: str) -> tuple[int, bytes, bytes]:
+def lb_stats(balancer: "Balancer", request: Request, peer: str) -> tuple[int, bytes, bytes]:
     stats = balancer.snapshot()
     if hdr.wants_html(request.headers):
         return 200, b"text/html; charset=utf-8", stats_page.render(stats).encode("utf-8")
     return 200, JSON, orjson.dumps(stats, option=orjson.OPT_INDENT_2)
 
 
-def metrics(balancer: "Balancer", request: h11.Request, peer: str) -> tuple[int, bytes, bytes]:
+def metrics(balancer: "Balancer", request: Request, peer: str) -> tuple[int, bytes, bytes]:
     """Prometheus text format.  Every labelled family the balancer knows of
     has each of its label values from the first scrape, at 0 until it
     happens, so an alert on it has a series to look at.  Label values need
@@ -83,6 +84,8 @@ def metrics(balancer: "Balancer", request: h11.Request, peer: str) -> tuple[int,
         return [(f'{{{label}="{key}"}}', n) for key, n in sorted(names.items())]
 
     conns, reqs = stats["connections"], stats["requests"]
+    family("info", "gauge", "The running balancer: version and HTTP engine.",
+           [(f'{{version="{__version__}",http_engine="{stats["http_engine"]}"}}', 1)])
     family("connections_open", "gauge", "Client connections open.", [("", conns["open"])])
     family("connections_max", "gauge", "Client connection cap.", [("", conns["max"])])
     family("connections_accepted_total", "counter", "Client connections accepted.",
@@ -196,7 +199,7 @@ def _fallback_statuses(config: "Config") -> list[int]:
     return sorted({500, 502, 503, 504, *config.retry.statuses, *config.passive.statuses})
 
 
-def admin(balancer: "Balancer", request: h11.Request, peer: str) -> tuple[int, bytes, bytes]:
+def admin(balancer: "Balancer", request: Request, peer: str) -> tuple[int, bytes, bytes]:
     """POST /lb/backends/<name>/<drain|ready|maint>."""
     if not _allowed(peer, balancer.config.admin.allow):
         raise EndpointError(403, f"admin requests are only taken from the addresses in "
@@ -238,13 +241,44 @@ ROUTES: dict[bytes, Route] = {
 }
 
 
-def fallback_audio(balancer: "Balancer", request: h11.Request,
+def fallback_audio(balancer: "Balancer", request: Request,
                    peer: str) -> tuple[int, bytes, bytes]:
     """A WAV the Cartesia fallback made for a two-step (Chatterbox) call."""
     wav = balancer.audio.get(request.target.split(b"?", 1)[0])
     if wav is None:
         raise EndpointError(404, "audio file expired")
     return 200, b"audio/wav", wav
+
+
+class LocalRequest:
+    """The handler of a request for a built-in endpoint: its body (if any)
+    is read and dropped, then the endpoint answers."""
+    __slots__ = ("balancer", "client", "request", "route")
+    keeps_time = False      # the connection bounds it with timeouts.idle
+
+    def __init__(self, balancer: "Balancer", client, request: Request, route: Route):
+        self.balancer = balancer
+        self.client = client
+        self.request = request
+        self.route = route
+
+    def client_data(self, data: bytes) -> None:
+        pass
+
+    def client_end(self, trailers: list) -> None:
+        self.balancer.local_request(self.client, self.request, self.route)
+
+    def client_bad_body(self, reason: str) -> None:
+        self.client.close()
+
+    def client_lost(self) -> None:
+        pass
+
+    def client_write_paused(self) -> None:
+        pass
+
+    def client_write_resumed(self) -> None:
+        pass
 
 
 def route(path: bytes, balancer: "Balancer") -> Route | None:

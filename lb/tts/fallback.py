@@ -31,8 +31,8 @@ import orjson
 
 from . import translate as tr
 from .cartesia import CartesiaClient, CartesiaError
-from .config import Cartesia
-from .expiring import ExpiringMap
+from ..config_model import Cartesia
+from ..scheduling.expiring import ExpiringMap
 
 BYTES_PER_SECOND = tr.SAMPLE_RATE * 2          # 16-bit mono
 MAX_BUFFERED_AUDIO = 32 * 1024 * 1024          # a whole-file answer kept in memory (~11 min)

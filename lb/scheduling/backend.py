@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 from collections import deque
 
-from .config import Active, BackendConfig, Passive
+from ..config_model import Active, BackendConfig, Passive
 from .health import Health
-from .pool import UpstreamPool
+from ..wire.pool import UpstreamPool
 
 FAILURE_KINDS = ("connect", "connect_timeout", "reset", "first_byte_timeout",
                  "idle_timeout", "bad_response")

@@ -17,9 +17,10 @@ import socket
 from typing import Any, Callable, Iterator, Mapping
 
 # The types are named here too: this is where the rest of the balancer looks.
-from .config_model import (Active, Admin, BackendConfig, Balancing, Cartesia,  # noqa: F401
+from ..config_model import (Active, Admin, BackendConfig, Balancing, Cartesia,  # noqa: F401
                            Config, ConfigError, Limits, Listen, Log, Passive, Pool, Retry,
                            Route, Timeouts)
+from ..wire import engines
 from .config_values import (address, backend_url, base_url, boolean, bracket, choice, date,
                             env_name, file_path, fraction, health_path, integer, language,
                             networks, seconds, seconds_or_zero, show, statuses, voices,
@@ -30,6 +31,7 @@ SECTIONS: dict[str, dict[str, tuple[Any, Callable[[Any], Any]]]] = {
         "address": ("0.0.0.0:6095", address),
         "workers": (1, worker_count),
         "drain_timeout": (30.0, seconds),
+        "http": ("auto", choice("auto", "httptools", "h11")),
     },
     "limits": {
         "nofile": (65536, integer(1)),
@@ -37,12 +39,14 @@ SECTIONS: dict[str, dict[str, tuple[Any, Callable[[Any], Any]]]] = {
         "max_header_bytes": (16384, integer(1024, 1 << 20)),
         "max_body_bytes": (10 * 1024 * 1024, integer(0)),
         "write_buffer_high": (256 * 1024, integer(4096, 64 << 20)),
+        "max_response_header_bytes": (64 * 1024, integer(1024, 1 << 24)),
     },
     "timeouts": {
         "client_header": (10.0, seconds),
         "connect": (2.0, seconds),
         "first_byte": (60.0, seconds),
         "idle": (60.0, seconds),
+        "client_body": (30.0, seconds),
     },
     "pool": {
         "max_idle": (32, integer(0)),
@@ -109,6 +113,16 @@ SECTIONS: dict[str, dict[str, tuple[Any, Callable[[Any], Any]]]] = {
 
 ROUTE_KINDS = ("chatterbox", "openai", "chattts")
 
+
+def _engine(choice: str) -> str:
+    """`[listen] http`, checked: an engine named must be installed ("auto"
+    is settled when the balancer starts: `engines.resolve`)."""
+    try:
+        engines.resolve(choice)
+    except ValueError as exc:
+        raise ConfigError("listen.http", str(exc)) from None
+    return choice
+
 # Sections written as [a.b] in TOML: a table of tables.
 _PARENTS = sorted({name.split(".", 1)[0] for name in SECTIONS if "." in name})
 
@@ -152,7 +166,8 @@ def parse(raw: dict[str, Any]) -> Config:
     _not_ourselves(backends, host, port)
     return Config(
         listen=Listen(host=host, port=port, workers=values["listen"]["workers"],
-                      drain_timeout=values["listen"]["drain_timeout"]),
+                      drain_timeout=values["listen"]["drain_timeout"],
+                      http=_engine(values["listen"]["http"])),
         limits=Limits(**values["limits"]),
         timeouts=Timeouts(**values["timeouts"]),
         pool=Pool(**values["pool"]),

@@ -31,7 +31,7 @@ from .config import Config, ConfigError, parse
 ENV_CONFIG = "TTS_LB_CONFIG"
 LOCAL_PATH = "conf/lb.toml"
 SYSTEM_PATH = "/etc/tts-lb/lb.toml"
-PACKAGED_PATH = str(Path(__file__).with_name("lb.toml"))
+PACKAGED_PATH = str(Path(__file__).parent.parent / "lb.toml")
 MAX_FILE_BYTES = 1 << 20     # 1 MiB: the documented default is 8 KiB
 MAX_ITEMS = 1024             # entries in any one array or table
 
@@ -64,8 +64,10 @@ class Loader:
     """Loads the chosen file, each time the same way: with the backends
     from `--backend` or TTS_LB_BACKENDS (which replace the file's list)."""
 
-    def __init__(self, source: Source, cli_backends: list[str], environ: Mapping[str, str]):
+    def __init__(self, source: Source, cli_backends: list[str], environ: Mapping[str, str],
+                 http: str | None = None):
         self.source = source
+        self.http = http        # --http: replaces [listen] http, on every reload too
         # Checked once, at start: a bad entry stops the start with its name.
         if cli_backends:
             self.backends, self.backends_from = from_entries(cli_backends), "--backend"
@@ -83,6 +85,8 @@ class Loader:
             raise
         if self.backends is not None:
             raw["backend"] = [dict(table) for table in self.backends]
+        if self.http is not None and isinstance(raw.setdefault("listen", {}), dict):
+            raw["listen"]["http"] = self.http
         return parse(raw)
 
 

@@ -13,29 +13,32 @@ import time
 from collections import Counter
 from typing import TYPE_CHECKING
 
-import h11
 import orjson
 
-from . import accesslog, endpoints, logsetup
-from .backend import Backend
-from .cartesia import CartesiaClient
-from .expiring import ExpiringMap
-from .fallback import Fallback
-from .client import ClientConnection
+from . import accesslog
+from . import endpoints
+from . import logsetup
+from ..scheduling.backend import Backend
+from ..tts.cartesia import CartesiaClient
+from ..scheduling.expiring import ExpiringMap
+from ..tts.fallback import Fallback
+from ..wire import engines
+from ..wire.client import ClientConnection
+from ..wire.framing import Request
 from .config import BackendConfig, Config
 from .fdlimit import FdLimit, connection_cap
-from .latency import FALLBACK_BACKEND, NO_BACKEND_LABEL, OTHER_KIND, LatencyBook
-from .listener import Listener, open_socket, somaxconn
-from . import policy as policies
-from .pool import UpstreamPool
-from .probe import Prober
-from .retry import RetryBudget
-from .scheduler import Scheduler
-from .upstream import UpstreamConnection
+from ..proxy.latency import FALLBACK_BACKEND, NO_BACKEND_LABEL, OTHER_KIND, LatencyBook
+from ..wire.listener import Listener, open_socket, somaxconn
+from ..scheduling import policy as policies
+from ..wire.pool import UpstreamPool
+from ..scheduling.probe import Prober
+from ..scheduling.retry import RetryBudget
+from ..scheduling.scheduler import Scheduler
+from ..wire.upstream import UpstreamConnection
+from ..proxy.exchange import Exchange
 
 if TYPE_CHECKING:
     from .endpoints import Route
-    from .exchange import Exchange
 
 log = logging.getLogger("lb")
 
@@ -86,6 +89,8 @@ class Balancer:
         self.address: tuple[str, int] | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._access = config.log.access
+        self.engine = engines.resolve(config.listen.http)   # "auto" -> what runs
+        self._request_parser, self._response_parser = engines.parsers(self.engine)
 
     # --- life cycle
 
@@ -93,7 +98,9 @@ class Balancer:
         listen = self.config.listen
         sock = open_socket(listen.host, listen.port, BACKLOG, reuse_port)
         self.address = sock.getsockname()[:2]
-        self.listener = Listener(self.loop, sock, lambda: ClientConnection(self),
+        limits, timeouts, parser = self.config.limits, self.config.timeouts, self._request_parser
+        self.listener = Listener(self.loop, sock,
+                                 lambda: ClientConnection(self, parser, limits, timeouts),
                                  self.max_connections)
         self.listener.start()
         self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
@@ -101,11 +108,11 @@ class Balancer:
             self._start_prober(backend)
         host, port = self.address
         shown = f"[{host}]" if ":" in host else host
-        log.info("%slistening on %s:%d, %d backend(s): %s; policy %s",
+        log.info("%slistening on %s:%d, %d backend(s): %s; policy %s; http engine %s",
                  f"worker {self.worker}: " if self.worker else "", shown, port,
                  len(self.backends),
                  ", ".join(f"{b.name}={b.url} (limit {b.max_concurrency})"
-                           for b in self.backends), self.policy.name)
+                           for b in self.backends), self.policy.name, self.engine)
         if self.fallback is not None:
             client = self.fallback.client
             if client.usable:
@@ -139,7 +146,8 @@ class Balancer:
             loop, cfg.host, cfg.port, max_idle=config.pool.max_idle,
             idle_timeout=config.pool.idle_timeout, connect_timeout=config.timeouts.connect,
             make_connection=lambda pool: UpstreamConnection(
-                pool, loop, max_header_bytes=limits.max_header_bytes,
+                pool, loop, parser_class=self._response_parser,
+                max_response_header_bytes=limits.max_response_header_bytes,
                 write_buffer_high=limits.write_buffer_high)),
             passive=config.passive, active=config.active, slow_start=config.balancer.slow_start)
 
@@ -177,6 +185,7 @@ class Balancer:
         for what, before, after in (("listen.address", (old.listen.host, old.listen.port),
                                      (new.listen.host, new.listen.port)),
                                     ("listen.workers", old.listen.workers, new.listen.workers),
+                                    ("listen.http", old.listen.http, new.listen.http),
                                     ("limits", old.limits, new.limits),
                                     ("[pool] or timeouts.connect for kept backends",
                                      (old.pool, old.timeouts.connect),
@@ -283,10 +292,21 @@ class Balancer:
         self.connections.discard(conn)
         self.listener.connection_closed()
 
-    def local_request(self, client: ClientConnection, request: h11.Request, request_id: str,
-                      route: "Route") -> None:
+    def open_request(self, client: ClientConnection, request: Request):
+        """A request the framing rules accepted: its handler."""
+        route = endpoints.route(request.path, self)
+        if route is not None:
+            # Answered once the request (and any body, discarded) is complete,
+            # so the connection stays usable for the next request.
+            return endpoints.LocalRequest(self, client, request, route)
+        exchange = Exchange(self, client, request)
+        exchange.start()
+        return exchange
+
+    def local_request(self, client: ClientConnection, request: Request, route: "Route") -> None:
         """A request for one of the balancer's own endpoints."""
         started = time.monotonic()
+        request_id = request.request_id
         handler, methods = route
         if request.method not in methods:
             allowed = b", ".join(methods)
@@ -305,7 +325,7 @@ class Balancer:
         client.send_whole(status, content_type, body, request_id,
                           extra=[(b"cache-control", b"no-store")])
 
-    def reject(self, client: ClientConnection, request: h11.Request | None, request_id: str,
+    def reject(self, client: ClientConnection, request: Request | None, request_id: str,
                status: int, reason: str) -> None:
         """Refuse a request the balancer will not forward, and close the connection."""
         self._count(request, request_id, status, "-", time.monotonic(), reason)
@@ -333,7 +353,7 @@ class Balancer:
                     bytes_out=exchange.bytes_out, ttfb=ttfb, tried=exchange.tried,
                     why=exchange.why, queued=exchange.queued_for, now=now)
 
-    def _count(self, request: h11.Request | None, request_id: str, status: int, backend: str,
+    def _count(self, request: Request | None, request_id: str, status: int, backend: str,
                started: float, note: str, *, bytes_in: int = 0, bytes_out: int = 0,
                ttfb: float | None = None, tried: list[str] = (), why: list[str] = (),
                queued: float = 0.0, now: float | None = None) -> None:
@@ -359,6 +379,7 @@ class Balancer:
             "draining": self.draining,
             "uptime_s": round(time.time() - self.started, 3),
             "policy": self.policy.name,
+            "http_engine": self.engine,
             "connections": {
                 "open": listener.open if listener else 0,
                 "max": self.max_connections,

@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 import h11
 
 from . import redact
-from .config import Cartesia
+from ..config_model import Cartesia
 
 log = logging.getLogger("lb")
 

@@ -1,0 +1,250 @@
+"""The httptools engine: llhttp (Node.js's C parser), used only to read.
+
+llhttp parses everything it is fed in one go, pipelined requests included.
+What comes after a complete request is held here as events, in order, and
+given to the sink at `next_message()`, so the connection sees one request
+at a time as with h11.  Its errors are mapped to the balancer's statuses.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import httptools
+
+
+_ParserError = httptools.HttpParserError
+_CallbackError = httptools.HttpParserCallbackError
+_Upgrade = httptools.HttpParserUpgrade
+
+
+def _reraise_ours(exc: Exception) -> None:
+    """llhttp wraps an exception raised in a callback: one of ours (a bug,
+    or _HeadOnly) is raised as itself, not taken for the peer's bad bytes."""
+    if isinstance(exc, _CallbackError) and exc.__context__ is not None:
+        raise exc.__context__
+
+
+def _status_for(message: str) -> int:
+    if "version" in message or "PRI" in message:
+        return 505      # HTTP/2 preface, HTTP/1.2, ...
+    return 400
+
+
+def _size(call, args: tuple) -> int:
+    """Bytes a held event stands for: a head's size, or a body piece's."""
+    if len(args) == 5:
+        return args[4]          # on_head(method, target, version, headers, size)
+    if len(args) == 1 and isinstance(args[0], bytes):
+        return len(args[0])     # on_body(data)
+    return 0
+
+
+def _request_parser(sink) -> "httptools.HttpRequestParser":
+    parser = httptools.HttpRequestParser(sink)
+    # Content-Length with Transfer-Encoding reaches framing.check_request,
+    # which refuses it in the balancer's own words, as with h11 (the head is
+    # refused before any of the body is read either way).
+    parser.set_dangerous_leniencies(lenient_chunked_length=True)
+    return parser
+
+
+class RequestParser:
+    __slots__ = ("_sink", "_parser", "_url", "_headers", "_size", "_in_head", "_trailers",
+                 "_held", "_queue", "_queued_bytes", "_failed", "_replaying")
+
+    def __init__(self, sink, max_head: int):
+        self._sink = sink
+        self._parser = _request_parser(self)
+        self._url = b""
+        self._headers: list = []
+        self._trailers: list = []
+        self._size = 0
+        self._in_head = False
+        self._held = False          # after a complete request: events wait in _queue
+        self._queue: deque = deque()    # (call, args, holds) after a complete request
+        self._queued_bytes = 0
+        self._failed = False
+        self._replaying = False
+
+    # --- fed by the connection
+
+    def feed(self, data: bytes) -> None:
+        while data and not self._failed:
+            try:
+                self._parser.feed_data(data)
+                return
+            except _Upgrade as exc:
+                # Connection: upgrade or CONNECT: llhttp stops after the head.
+                # Upgrades are not carried (yet): what follows is read as the
+                # next request, as h11 does after a refused upgrade.
+                at = exc.args[0] if exc.args and isinstance(exc.args[0], int) else len(data)
+                data = data[at:]
+                self._parser = _request_parser(self)
+            except _ParserError as exc:
+                _reraise_ours(exc)
+                message = str(exc)
+                self._fail(_status_for(message), f"malformed request: {message}")
+
+    def buffered(self) -> int:
+        return self._queued_bytes
+
+    def next_message(self) -> None:
+        self._held = False
+        if self._replaying:
+            return      # called from inside a replayed on_end: the loop goes on
+        self._replaying = True
+        queue = self._queue
+        try:
+            while queue and not self._held:
+                call, args, holds = queue.popleft()
+                self._queued_bytes -= _size(call, args)
+                if holds:
+                    self._held = True   # set first: on_end may answer at once
+                call(*args)
+        finally:
+            self._replaying = False
+
+    def _fail(self, status: int, reason: str) -> None:
+        self._failed = True
+        self._emit(self._sink.on_error, status, reason)
+
+    def _emit(self, call, *args) -> None:
+        if self._held:
+            self._queue.append((call, args, False))
+            self._queued_bytes += _size(call, args)
+            return
+        call(*args)
+
+    # --- llhttp's callbacks
+
+    def on_message_begin(self) -> None:
+        self._url = b""
+        self._headers = []
+        self._trailers = []
+        self._size = 14
+        self._in_head = True
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+        self._size += len(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._in_head:
+            self._headers.append((name.lower(), value))
+            self._size += len(name) + len(value) + 4
+        else:
+            self._trailers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        parser = self._parser
+        method = parser.get_method()
+        self._emit(self._sink.on_head, method, self._url, parser.get_http_version().encode(),
+                   self._headers, self._size + len(method))
+
+    def on_body(self, body: bytes) -> None:
+        self._emit(self._sink.on_body, body)
+
+    def on_message_complete(self) -> None:
+        if self._held:
+            self._queue.append((self._sink.on_end, (self._trailers,), True))
+        else:
+            self._held = True       # set first: on_end may answer at once
+            self._sink.on_end(self._trailers)
+
+
+class ResponseParser:
+    __slots__ = ("_sink", "_parser", "_headers", "_trailers", "_size", "_in_head", "_done",
+                 "_head_only", "_after", "_limit", "_reason")
+
+    def __init__(self, sink, max_head: int):
+        self._sink = sink
+        self._limit = max_head
+        self._parser = None
+        self._headers: list = []
+        self._trailers: list = []
+        self._size = 0
+        self._in_head = False
+        self._done = True
+        self._head_only = False
+        self._after = False
+        self._reason = b""
+
+    def expect(self, method: bytes) -> None:
+        # A fresh parser per response: llhttp cannot be told that a HEAD
+        # answer's Content-Length describes no body, so that one ends at its
+        # head here (and framing keeps such a connection out of the pool).
+        self._parser = httptools.HttpResponseParser(self)
+        self._head_only = method == b"HEAD"
+        self._done = False
+        self._after = False
+
+    def feed(self, data: bytes) -> None:
+        if self._done:
+            if self._parser is not None:
+                self._after = True
+            return
+        try:
+            self._parser.feed_data(data)
+        except _ParserError as exc:
+            try:
+                _reraise_ours(exc)
+            except _HeadOnly:
+                return
+            if not self._done:
+                self._done = True
+                self._sink.on_error(f"invalid response from backend: {exc}")
+
+    def leftover(self) -> bool:
+        return self._after
+
+    def on_message_begin(self) -> None:
+        if self._done:
+            self._after = True
+            raise _HeadOnly()
+        self._headers = []
+        self._trailers = []
+        self._size = 0
+        self._reason = b""
+        self._in_head = True
+
+    def on_status(self, reason: bytes) -> None:
+        self._reason = reason
+        self._size += len(reason) + 15
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._in_head:
+            self._headers.append((name.lower(), value))
+            self._size += len(name) + len(value) + 4
+        else:
+            self._trailers.append((name.lower(), value))
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        parser = self._parser
+        status = parser.get_status_code()
+        if status < 200:
+            return      # 100 Continue / 103: the balancer answers Expect itself
+        self._sink.on_head(status, self._reason, parser.get_http_version().encode(), self._headers,
+                           self._size)
+        if self._head_only and not self._done:
+            self._done = True
+            self._sink.on_end([])
+            raise _HeadOnly()
+
+    def on_body(self, body: bytes) -> None:
+        if not self._done:
+            self._sink.on_body(body)
+
+    def on_message_complete(self) -> None:
+        if self._parser.get_status_code() < 200 or self._done:
+            return
+        self._done = True
+        self._sink.on_end(self._trailers)
+
+
+class _HeadOnly(Exception):
+    """Stops llhttp after a head that ends its message (a HEAD answer)."""
+
+
