@@ -89,33 +89,48 @@ def test_connection_close_and_expect_and_te():
 
 
 def test_absolute_form_becomes_origin_form_with_the_targets_host():
-    request = check(target=b"http://a.example:81/x?y=1", headers=[])
+    request = check(target=b"http://a.example:81/x?y=1", headers=[(b"host", b"a.example:81")])
     assert request.target == b"/x?y=1" and request.path == b"/x"
     assert request.headers[0] == (b"host", b"a.example:81")
     same = check(target=b"http://A.example/", headers=[(b"host", b"a.example")])
     assert same.target == b"/" and same.headers == [(b"host", b"A.example")]
-    assert check(target=b"http://a.example", headers=[]).target == b"/"
+    # HTTP/1.0 may leave Host out: it comes from the target.
+    old = check(target=b"http://a.example", version=b"1.0", headers=[])
+    assert old.target == b"/" and old.headers == [(b"host", b"a.example")]
+    # HTTP/1.1 must send it, absolute-form or not (RFC 9112 §3.2).
+    assert refused(target=b"http://a.example/", headers=[]).status == 400
 
 
 def test_absolute_form_disagreeing_with_host_is_refused():
     assert "differs" in refused(target=b"http://a.example/", headers=[(b"host", b"b")]).reason
-    assert refused(target=b"http://u@a.example/", headers=[]).status == 400
+    assert refused(target=b"http://u@a.example/", headers=[(b"host", b"a.example")]).status == 400
 
 
 @pytest.mark.parametrize("method, target, status", [
     (b"CONNECT", b"a.example:443", 405),
-    (b"CONNECT", b"/", 400),           # (origin-form CONNECT is no CONNECT either)
+    (b"CONNECT", b"/", 405),           # CONNECT in any form: not an open proxy
     (b"GET", b"a.example:443", 400),
     (b"GET", b"*", 400),
     (b"GET", b"x", 400),
     (b"GET", b"", 400),
     (b"G@T", b"/", 400),
+    (b"FOO", b"/", 501),
+    (b"get", b"/", 501),
+    (b"PRI", b"*", 505),
 ])
-def test_target_forms(method, target, status):
-    if method == b"CONNECT" and target == b"/":
-        assert check(method=method, target=target).target == b"/"   # origin-form is fine
-        return
+def test_target_forms_and_methods(method, target, status):
     assert refused(method=method, target=target).status == status
+
+
+def test_an_upgrade_request_with_a_body_is_refused():
+    upgrade = [(b"host", b"h"), (b"connection", b"Upgrade"), (b"upgrade", b"websocket")]
+    assert refused(headers=upgrade + [(b"content-length", b"5")]).status == 400
+    assert check(headers=upgrade).keep_alive    # (without a body: an ordinary request)
+
+
+@pytest.mark.parametrize("value", [b", chunked", b"chunked,", b"chunked, , gzip"])
+def test_an_empty_transfer_coding_is_refused(value):
+    assert refused(headers=[(b"host", b"h"), (b"transfer-encoding", value)]).status == 400
 
 
 def test_options_star_is_forwarded():
@@ -133,6 +148,12 @@ def test_head_size_over_the_limit_is_431():
 
 BAD_HEADS = [
     b"GET / HTTP/1.1\rHost: h\r\n\r\n",
+    b"GET  / HTTP/1.1\r\nHost: h\r\n\r\n",
+    b"GET / HTTP/1.1 \r\nHost: h\r\n\r\n",
+    b"GET /\r\nHost: h\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: h\r\n\n",
+    b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5, 5\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: h\x01\r\n\r\n",
     b"GET / HTTP/1.1\r\nHost: h\r\nX: a\r\n b\r\n\r\n",
     b"GET / HTTP/1.1\r\nHost: h\r\nX: a\x00\r\n\r\n",
     b"GET / HTTP/1.1\nHost: h\r\n\r\n",
@@ -140,6 +161,8 @@ BAD_HEADS = [
 ]
 GOOD_HEADS = [
     b"GET / HTTP/1.1\r\nHost: h\r\n\r\n",
+    b"\r\n\r\nGET / HTTP/1.1\r\nHost: h\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length:\t5 \r\n\r\nhello",
     b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\nabc",
     b"GET / HTTP/1.1\r\nHost: h\r\nX: a\tb\r\n\r\nbinary\r\x00\n after the head",
 ]

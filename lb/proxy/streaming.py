@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 
 from ..wire import headers as hdr
-from ..wire.framing import Response
+from ..wire.framing import Response, clean_trailers
 from ..scheduling.retry import status_reason
 from .phases import AFFINITY_PEEK, BUFFERING, DONE, FALLBACK, RECEIVING, REPLAY_WINDOW, \
     SENDING, WAITING
@@ -62,7 +62,7 @@ class Streaming:
         if self.phase == DONE:
             return
         self._request_ended = True
-        self._trailers = trailers
+        self._trailers = clean_trailers(trailers) if trailers else trailers
         if self._body_deadline is not None:
             self._body_deadline.cancel()
         if self.upstream is not None:
@@ -144,7 +144,12 @@ class Streaming:
         self._race_ok = False
         self._enter(RECEIVING)
         self.client.send_response(status,
-                                  hdr.to_client(response.headers, request_id=self.request_id),
+                                  hdr.to_client(response.headers, request_id=self.request_id,
+                                                listed=response.connection_tokens,
+                                                # (a Content-Length that does
+                                                # not frame the body is dropped)
+                                                chunked=response.chunked
+                                                or response.until_close),
                                   response.reason)
 
     def upstream_data(self, data: bytes) -> None:

@@ -26,8 +26,8 @@ from typing import Any
 import orjson
 
 from . import serialize
-from .framing import HeadScanner, Refused, Request, check_request, clean_trailers, \
-    new_request_id, skip_empty_lines
+from .framing import Refused, Request, check_request, clean_trailers, new_request_id, \
+    skip_empty_lines, trailers_problem
 from .ports import App, Handler
 from .timer import Deadline
 from .writes import CoalescedWrites
@@ -54,7 +54,7 @@ def _reset(transport: asyncio.Transport) -> None:
 
 class ClientConnection(CoalescedWrites, asyncio.Protocol):
     __slots__ = ("app", "parser", "transport", "peer_ip", "exchange", "write_paused",
-                 "_loop", "_read_block", "_deadline", "_closed", "_scanner",
+                 "_loop", "_read_block", "_deadline", "_closed",
                  "_waiting_head", "_head_seen", "_request", "_request_done", "_limits",
                  "_timeouts", "_out", "_out_bytes", "_flush_at", "_flush_scheduled",
                  "_answering", "_started", "_body_allowed", "_chunked", "_close_after",
@@ -68,7 +68,6 @@ class ClientConnection(CoalescedWrites, asyncio.Protocol):
         self._limits = limits
         self._timeouts = timeouts
         self.parser = parser_class(self, limits.max_header_bytes)
-        self._scanner = HeadScanner(limits.max_header_bytes)
         self.transport: asyncio.Transport | None = None
         self.peer_ip = "-"
         self.exchange: Handler | None = None    # the current request's handler
@@ -77,7 +76,7 @@ class ClientConnection(CoalescedWrites, asyncio.Protocol):
         self._deadline = Deadline(self._loop, self._on_deadline)
         self._closed = False
         self._waiting_head = True   # between requests (keep-alive idle or head arriving)
-        self._head_seen = True      # bytes of the awaited head have arrived
+        self._head_seen = False     # bytes of the awaited head have arrived
         self._request: Request | None = None
         self._request_done = False  # the current request (and its body) was read whole
         self._last = False          # no request may follow the current one
@@ -108,23 +107,12 @@ class ClientConnection(CoalescedWrites, asyncio.Protocol):
             # Lingering after our FIN, or bytes after the last request an
             # HTTP/1.0 (or Connection: close) client may send: discard.
             return
-        if self._waiting_head:
-            if not self._head_seen:
-                # RFC 9112 §2.2: empty lines before a request line are ignored.
-                data = skip_empty_lines(data)
-                if not data:
-                    return
-                # First bytes of a new request on an idle keep-alive connection:
-                # from now on the head must complete within client_header.
-                self._head_seen = True
-                self._scanner.reset()
-                self._deadline.set(self._timeouts.client_header)
-            if not self._scanner.done:
-                try:
-                    self._scanner.feed(data)
-                except Refused as exc:
-                    self.app.reject(self, None, new_request_id(), exc.status, exc.reason)
-                    return
+        if self._waiting_head and not self._head_seen and skip_empty_lines(data):
+            # First bytes of a new request on an idle keep-alive connection
+            # (empty lines before it do not count, RFC 9112 §2.2): from now
+            # on the head must complete within client_header.
+            self._head_seen = True
+            self._deadline.set(self._timeouts.client_header)
         self.parser.feed(data)
         if self._answering:
             self._limit_pipeline()
@@ -197,6 +185,11 @@ class ClientConnection(CoalescedWrites, asyncio.Protocol):
     def on_end(self, trailers: list) -> None:
         if self._closed:
             return
+        if trailers:
+            problem = trailers_problem(trailers)
+            if problem is not None:
+                self.on_error(400, problem)
+                return
         self._request_done = True
         self._answering = True
         if self.exchange is not None:
@@ -404,7 +397,6 @@ class ClientConnection(CoalescedWrites, asyncio.Protocol):
         # Part of the next head may be here already (pipelining): then it is
         # already on the head's clock, not the keep-alive one.
         self._head_seen = self.parser.buffered() > 0
-        self._scanner.done = True   # what is buffered was scanned by the engine
         self._deadline.set(self._timeouts.client_header if self._head_seen
                            else self._timeouts.idle)
         self._unblock_reading(_BACKPRESSURE)
@@ -421,7 +413,7 @@ class ClientConnection(CoalescedWrites, asyncio.Protocol):
             if not exchange.keeps_time:
                 self.close()    # a body for a built-in endpoint that never ended
             return              # a request under way keeps its own time
-        if self._waiting_head and (self._scanner.size or self.parser.buffered()):
+        if self._waiting_head and self.parser.head_pending():
             # Part of a head arrived but not all of it in time (slowloris).
             self.app.reject(self, None, new_request_id(), 408,
                             f"request head not received within "

@@ -26,6 +26,19 @@ _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 # A method is a token too; upper case is not required, but nothing else is.
 _METHOD = _TOKEN
+# The methods the balancer forwards: those llhttp knows (RFC 9110's, PATCH,
+# WebDAV's and a few more).  Any other is 501 Not Implemented (RFC 9110
+# §9.1), whichever engine reads it.
+METHODS = frozenset(b"""DELETE GET HEAD POST PUT CONNECT OPTIONS TRACE COPY LOCK MKCOL MOVE
+    PROPFIND PROPPATCH SEARCH UNLOCK BIND REBIND UNBIND ACL REPORT MKACTIVITY CHECKOUT MERGE
+    M-SEARCH NOTIFY SUBSCRIBE UNSUBSCRIBE PATCH PURGE MKCALENDAR LINK UNLINK SOURCE
+    QUERY""".split())
+# All of a head's names joined by ":" (which no token holds).
+_NAMES = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+(?::[!#$%&'*+\-.^_`|~0-9A-Za-z]+)*")
+# The request fields framing reads; every other one is passed over.
+_REQUEST_FIELDS = frozenset({b"host", b"content-length", b"transfer-encoding", b"connection",
+                             b"upgrade", b"expect", b"te", b"x-request-id"})
+_RESPONSE_FIELDS = frozenset({b"content-length", b"transfer-encoding", b"connection"})
 # Host: uri-host [ ":" port ] (RFC 9110 §7.2): a reg-name, an IPv4 address or
 # a bracketed IPv6 literal.  No userinfo, no path, no spaces.
 _HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?")
@@ -37,6 +50,9 @@ _REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,128}")
 _DIGITS = re.compile(rb"[0-9]{1,18}")
 
 NO_BODY_STATUSES = frozenset({204, 304})
+CONNECT_REFUSED = "CONNECT is not supported: the balancer is not a forward proxy"
+HTTP2_REFUSED = "an HTTP/2 connection preface: HTTP/2 is not supported (HTTP/1.1 and 1.0 are)"
+_NONE: frozenset = frozenset()
 
 
 class Refused(Exception):
@@ -76,7 +92,7 @@ class Request:
         self.expect_continue = False
         self.host: bytes | None = None
         self.head_size = 0
-        self.connection_tokens: frozenset = frozenset()
+        self.connection_tokens: frozenset = _NONE
         self.trailers_ok = False        # the client sent TE: trailers
         self.path = target
 
@@ -88,7 +104,7 @@ class Request:
 class Response:
     """A backend's response head, with its framing settled."""
     __slots__ = ("status", "reason", "version", "headers", "content_length", "chunked",
-                 "keep_alive", "until_close")
+                 "keep_alive", "until_close", "connection_tokens")
 
     def __init__(self, status: int, reason: bytes, version: bytes, headers: list):
         self.status = status
@@ -99,10 +115,20 @@ class Response:
         self.chunked = False
         self.keep_alive = True
         self.until_close = False        # the body ends when the backend closes
+        self.connection_tokens: frozenset = _NONE
 
 
 def _tokens(value: bytes) -> list[bytes]:
     return [t.strip().lower() for t in value.split(b",") if t.strip()]
+
+
+def _strict_tokens(value: bytes) -> list[bytes]:
+    """A list where an empty element is an error (Transfer-Encoding: a
+    lenient reading of it is how framing is smuggled)."""
+    tokens = [t.strip().lower() for t in value.split(b",")]
+    if not all(tokens):
+        raise Refused(400, "malformed request: an empty element in Transfer-Encoding")
+    return tokens
 
 
 def check_version(version: bytes) -> None:
@@ -114,23 +140,35 @@ def check_version(version: bytes) -> None:
 def check_request(method: bytes, target: bytes, version: bytes, headers: list,
                   head_size: int, max_head: int) -> Request:
     """The rules a request head must meet before anything is forwarded."""
+    if method == b"PRI":
+        raise Refused(505, HTTP2_REFUSED)
     check_version(version)
     if head_size > max_head:
         raise Refused(431, head_too_large(max_head))
-    if not _METHOD.fullmatch(method):
-        raise Refused(400, "malformed request: invalid method")
+    if method not in METHODS:
+        if not _METHOD.fullmatch(method):
+            raise Refused(400, "malformed request: invalid method")
+        raise Refused(501, f"method {method.decode('ascii')} is not supported")
     request = Request(method, target, version, headers)
     request.head_size = head_size
+    # Names and values are checked all at once (one join, one regex each):
+    # this runs for every request.
+    if headers:
+        names = b":".join([n for n, _ in headers])
+        if not _NAMES.fullmatch(names):
+            raise Refused(400, "malformed request: invalid header name")
+        if _BAD_VALUE.search(b"\t".join([v for _, v in headers])):
+            bad = next(n for n, v in headers if _BAD_VALUE.search(v))
+            raise Refused(400, f"malformed request: invalid character in the value of "
+                               f"{bad.decode('ascii')} (obs-fold, NUL, CR or LF)")
     host = rid = None
     hosts = lengths = 0
+    upgrade = False
     codings: list[bytes] | None = None
     tokens: list[bytes] = []
     for name, value in headers:
-        if not _TOKEN.fullmatch(name):
-            raise Refused(400, "malformed request: invalid header name")
-        if _BAD_VALUE.search(value):
-            raise Refused(400, f"malformed request: invalid character in the value of "
-                               f"{name.decode('ascii')} (obs-fold, NUL, CR or LF)")
+        if name not in _REQUEST_FIELDS:
+            continue
         if name == b"host":
             hosts += 1
             host = value
@@ -142,14 +180,16 @@ def check_request(method: bytes, target: bytes, version: bytes, headers: list,
                 raise Refused(400, "malformed request: more than one Content-Length")
             request.content_length = int(value)
         elif name == b"transfer-encoding":
-            codings = (codings or []) + _tokens(value)
+            codings = (codings or []) + _strict_tokens(value)
         elif name == b"connection":
             tokens += _tokens(value)
+        elif name == b"upgrade":
+            upgrade = True
         elif name == b"expect":
             request.expect_continue = value.strip().lower() == b"100-continue"
         elif name == b"te":
             request.trailers_ok = b"trailers" in _tokens(value)
-        elif name == b"x-request-id" and rid is None and _REQUEST_ID.fullmatch(value):
+        elif rid is None and _REQUEST_ID.fullmatch(value):   # x-request-id
             rid = value.decode("ascii")
     if codings is not None:
         # RFC 9112 §6.1: chunked must be the final coding; the balancer takes
@@ -161,19 +201,26 @@ def check_request(method: bytes, target: bytes, version: bytes, headers: list,
         if version == b"1.0":
             raise Refused(400, "malformed request: Transfer-Encoding in an HTTP/1.0 request")
         request.chunked = True
-    request.connection_tokens = frozenset(tokens)
+    if tokens:
+        request.connection_tokens = frozenset(tokens)
     if version == b"1.0":
         request.keep_alive = False   # as h11: no keep-alive with HTTP/1.0 clients
         request.expect_continue = False
     elif b"close" in tokens:
         request.keep_alive = False
+    if upgrade and b"upgrade" in tokens and request.has_body:
+        # The upgrade is not taken (the request goes on as an ordinary one),
+        # but llhttp would read no body after such a head: refused, so no
+        # engine can take a body for the next request.
+        raise Refused(400, "malformed request: an Upgrade request with a body")
     if hosts > 1:
         raise Refused(400, "malformed request: more than one Host header")
     if host is not None and not _HOST.fullmatch(host):
         raise Refused(400, "malformed request: invalid Host header")
-    _settle_target(request, host)
-    if version == b"1.1" and request.host is None:
+    if version == b"1.1" and host is None:
+        # RFC 9112 §3.2: even with an absolute-form target.
         raise Refused(400, "malformed request: HTTP/1.1 request without a Host header")
+    _settle_target(request, host)
     request.request_id = rid or new_request_id()
     return request
 
@@ -182,11 +229,11 @@ def _settle_target(request: Request, host: bytes | None) -> None:
     """RFC 9112 §3.2: the four forms of request-target, as a proxy takes them."""
     target = request.target
     request.host = host
+    if request.method == b"CONNECT":
+        raise Refused(405, CONNECT_REFUSED)
     if target[:1] == b"/":
         request.path = target.split(b"?", 1)[0]
         return
-    if request.method == b"CONNECT":
-        raise Refused(405, "CONNECT is not supported: the balancer is not a forward proxy")
     if target == b"*":
         if request.method != b"OPTIONS":
             raise Refused(400, "malformed request: the * target is only for OPTIONS")
@@ -234,19 +281,24 @@ def check_response(status: int, reason: bytes, version: bytes, headers: list,
     lengths: set[bytes] = set()
     codings: list[bytes] | None = None
     keep_alive = version == b"1.1"
+    if headers and _BAD_VALUE.search(b"\t".join([v for _, v in headers])):
+        raise Refused(502, "invalid character in a backend response header")
+    tokens: list[bytes] = []
     for name, value in headers:
-        if _BAD_VALUE.search(value):
-            raise Refused(502, "invalid character in a backend response header")
+        if name not in _RESPONSE_FIELDS:
+            continue
         if name == b"content-length":
             lengths.add(value.strip())
         elif name == b"transfer-encoding":
             codings = (codings or []) + _tokens(value)
-        elif name == b"connection":
-            tokens = _tokens(value)
-            if b"close" in tokens:
-                keep_alive = False
-            elif b"keep-alive" in tokens and version == b"1.0":
-                keep_alive = True
+        else:   # connection
+            tokens += _tokens(value)
+    if tokens:
+        response.connection_tokens = frozenset(tokens)
+        if b"close" in tokens:
+            keep_alive = False
+        elif b"keep-alive" in tokens and version == b"1.0":
+            keep_alive = True
     response.keep_alive = keep_alive
     if request_method == b"HEAD" or status in NO_BODY_STATUSES or status < 200:
         response.content_length = 0
@@ -277,64 +329,100 @@ class HeadScanner:
     """Raw-byte rules for a request head, however it arrives in pieces.
 
     Some rules cannot be checked after a parser has read the head: h11 joins
-    an obs-fold line into the value before, and collapses repeated identical
-    Content-Lengths; neither shows in what it hands over.  So the head's own
-    bytes are scanned as they come, up to its empty line: a bare CR, an
-    obs-fold line, a NUL, a second Content-Length and a head over the limit
-    are refused here, the same for both engines.
+    an obs-fold line into the value before, collapses repeated Content-Lengths
+    and waits forever on a bare CR; llhttp takes a double space in the
+    request line.  So the head's own bytes are checked as they come, up to
+    its empty line, the same whichever engine reads them: the request line's
+    shape, a bare CR or LF, an obs-fold line, a control byte, Content-Length
+    (one, digits) and the head's size.  The engines feed it every head they
+    can see the start of (see h11_engine, httptools_engine).
     """
-    __slots__ = ("limit", "size", "lengths", "_tail", "done")
+    __slots__ = ("limit", "size", "done", "_buf")
 
     def __init__(self, limit: int):
         self.limit = limit
         self.reset()
 
     def reset(self) -> None:
-        self.size = 0
-        self.lengths = 0
-        self._tail = b""
+        self.size = 0           # bytes of the head so far (empty lines before it not counted)
         self.done = False
+        self._buf = b""         # the head so far, when it comes in pieces
 
-    def feed(self, data: bytes) -> None:
-        """Scan the next bytes; raises Refused, sets `done` at the head's end."""
+    @property
+    def started(self) -> bool:
+        return self.size > 0 and not self.done
+
+    def feed(self, data: bytes) -> bytes:
+        """Check the next bytes; raises Refused; sets `done` at the head's end.
+
+        Returns what of them a parser should read: empty lines before the
+        request line (RFC 9112 §2.2 says to ignore them) are taken out, and
+        a lone CR that may start one is kept back until the next piece."""
         if self.done:
-            return
-        tail = self._tail
-        joined = tail + data if tail else data
-        end = joined.find(b"\r\n\r\n")
-        head = joined if end < 0 else joined[:end + 2]
-        self.size += len(head) - len(tail)
-        if self.size > self.limit:
-            raise Refused(431, head_too_large(self.limit))
-        # (from 1 past the tail's start: its first byte is only there so that
-        # an LF right after it is seen with the CR before it)
-        if _RAW_BAD.search(head if end >= 0 else head[:-1], 1 if tail else 0):
-            raise Refused(400, _raw_problem(head))
-        # (a match ending inside the tail was counted with the piece before)
-        self.lengths += sum(1 for m in _CONTENT_LENGTH_LINE.finditer(head)
-                            if m.end() > len(tail))
-        if self.lengths > 1:
-            raise Refused(400, "malformed request: more than one Content-Length")
-        if end >= 0:
+            return data
+        fresh = not self.size
+        head = self._buf + data if self._buf else data
+        if fresh:
+            head = skip_empty_lines(head)
+            if not head or head == b"\r":
+                self._buf = head
+                return b""
+            data = head
+        end = head.find(b"\r\n\r\n")
+        if end >= 0:            # (usually the whole head is in one piece)
+            self.size = end + 2
             self.done = True
-        # Enough of the end to find "\r\n\r\n" or "\ncontent-length:" across pieces.
-        self._tail = head[-_TAIL:]
+            self._buf = b""
+            _check_head(head[:end + 2], self.limit, True)
+            return data
+        self.size = len(head)
+        _check_head(head, self.limit, False)
+        self._buf = head
+        return data
 
 
-# A CR not followed by LF, a line that starts with space or tab (obs-fold,
-# RFC 9112 §5.2), a NUL, or an LF not after a CR.  (The very last byte of an
-# unfinished head is left for the next piece: it may be a CR before its LF.)
-_RAW_BAD = re.compile(rb"\r[^\n]|\n[ \t]|\x00|(?<!\r)\n")
-_CONTENT_LENGTH_LINE = re.compile(rb"(?i)\ncontent-length[ \t]*:")
-_TAIL = len(b"\r\ncontent-length")
+_REQUEST_LINE = re.compile(rb"[^ \r\n]+ [^ \r\n]+ HTTP/[0-9]\.[0-9]\r\n")
+# Bytes no head may hold: controls other than CR, LF and (in values) tab.
+_CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_LENGTH_VALUE = re.compile(rb"[ \t]*[0-9]+[ \t]*\r\n")
 
 
-def _raw_problem(head: bytes) -> str:
-    if b"\x00" in head:
-        return "malformed request: NUL in the request head"
-    if re.search(rb"\n[ \t]", head):
-        return "malformed request: obs-fold (a header line starting with whitespace)"
-    return "malformed request: a bare CR or LF line ending in the request head"
+def _check_head(head: bytes, limit: int, complete: bool) -> None:
+    """`head`: up to and with its last header line's CRLF (or what came so far)."""
+    if len(head) > limit:
+        raise Refused(431, head_too_large(limit))
+    # (an unfinished head may end in the CR of a CRLF still coming)
+    body = head if complete or head[-1:] != b"\r" else head[:-1]
+    crlf = body.count(b"\r\n")
+    if body.count(b"\r") != crlf or body.count(b"\n") != crlf:
+        raise Refused(400, "malformed request: a bare CR or LF line ending in the request head")
+    if b"\n " in body or b"\n\t" in body:
+        raise Refused(400, "malformed request: obs-fold (a header line starting with whitespace)")
+    if _CONTROL.search(body):
+        raise Refused(400, "malformed request: a control character (NUL, ...) in the request head")
+    if crlf:
+        if not _REQUEST_LINE.match(body):
+            raise Refused(400, "malformed request: invalid request line")
+        method = body[:body.find(b" ")]
+        if method == b"PRI":
+            raise Refused(505, HTTP2_REFUSED)
+        version = body[body.find(b"\r\n") - 3:body.find(b"\r\n")]
+        if version != b"1.1" and version != b"1.0":
+            check_version(version)
+        if method not in METHODS:
+            if not _METHOD.fullmatch(method):
+                raise Refused(400, "malformed request: invalid method")
+            raise Refused(501, f"method {method.decode('ascii')} is not supported")
+        if method == b"CONNECT":
+            raise Refused(405, CONNECT_REFUSED)
+    lowered = body.lower()
+    at = lowered.find(b"\ncontent-length:")
+    if at >= 0:
+        if lowered.find(b"\ncontent-length:", at + 1) >= 0:
+            raise Refused(400, "malformed request: more than one Content-Length")
+        start = at + len(b"\ncontent-length:")
+        if lowered.find(b"\r\n", start) >= 0 and not _LENGTH_VALUE.match(body, start):
+            raise Refused(400, "malformed request: invalid Content-Length")
 
 
 # RFC 9112 §2.2: a server should ignore at least one empty line before a
@@ -350,6 +438,17 @@ def skip_empty_lines(data: bytes) -> bytes:
 TRAILER_FORBIDDEN = frozenset({b"content-length", b"transfer-encoding", b"host",
                                b"trailer", b"te", b"connection", b"keep-alive", b"upgrade",
                                b"proxy-authorization", b"proxy-connection"})
+
+
+_FRAMING_FIELDS = frozenset({b"content-length", b"transfer-encoding"})
+
+
+def trailers_problem(trailers: list) -> str | None:
+    """Trailers may not frame (RFC 9110 §6.5.1): llhttp refuses them, and so
+    does the balancer with either engine."""
+    if any(name in _FRAMING_FIELDS for name, _ in trailers):
+        return "malformed request: Content-Length or Transfer-Encoding in the trailers"
+    return None
 
 
 def clean_trailers(trailers: list) -> list:

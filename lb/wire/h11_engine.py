@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import h11
 
-from .framing import HeadScanner, Refused, skip_empty_lines
+from .framing import HeadScanner, Refused
 
 _Request = h11.Request
 _Response = h11.Response
@@ -28,7 +28,9 @@ def _pairs(headers) -> list:
 
 
 def _head_size(first: int, headers: list) -> int:
-    return first + sum(len(n) + len(v) + 4 for n, v in headers)
+    """The head's size as parsed: at least what it took on the wire (the
+    exact count is HeadScanner's)."""
+    return first + sum(len(n) + len(v) + 3 for n, v in headers)
 
 
 class RequestParser:
@@ -51,12 +53,28 @@ class RequestParser:
     def feed(self, data: bytes) -> None:
         if self._failed:
             return
+        if not self._held:
+            scanner = self._scanner
+            if not scanner.done:
+                try:
+                    # (without the empty lines before a request line, which
+                    # h11 would call a missing request line)
+                    data = scanner.feed(data)
+                except Refused as exc:
+                    self._fail(exc.status, exc.reason)
+                    return
+                if not data:
+                    return
         self._conn.receive_data(data)
         if not self._held and not self._running:
             self._run()
 
     def buffered(self) -> int:
         return len(self._conn.trailing_data[0])
+
+    def head_pending(self) -> bool:
+        """Part of a request head has arrived, not all of it."""
+        return self._scanner.started or (self._held and self.buffered() > 0)
 
     def next_message(self) -> None:
         """The answer to the last request is done: read the next one."""
@@ -67,16 +85,17 @@ class RequestParser:
             self._run()
 
     def _start_next(self) -> bool:
-        leftover = skip_empty_lines(self._conn.trailing_data[0])
+        leftover = self._conn.trailing_data[0]
         self._conn = self._new()
+        self._scanner.reset()
         if not leftover:
             return False
-        # A pipelined head: h11 will not show us its raw bytes' faults.
-        self._scanner.reset()
         try:
-            self._scanner.feed(leftover)
+            leftover = self._scanner.feed(leftover)
         except Refused as exc:
             self._fail(exc.status, exc.reason)
+            return False
+        if not leftover:
             return False
         self._conn.receive_data(leftover)
         return True

@@ -19,6 +19,10 @@ HOP_BY_HOP = frozenset({
     b"expect",
 })
 
+# Not passed to the client: hop-by-hop (but Trailer, whose trailers go
+# through) and the request id, which the balancer sets.
+_TO_CLIENT_DROPPED = (HOP_BY_HOP - {b"trailer"}) | {b"x-request-id"}
+
 # Headers the balancer sets itself on the way to the backend.
 _REPLACED_UPSTREAM = frozenset({
     b"x-request-id", b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host",
@@ -81,7 +85,8 @@ def to_backend(headers: Headers, *, client_ip: str, request_id: str,
     return out
 
 
-def to_client(headers: Headers, *, request_id: str) -> Headers:
+def to_client(headers: Headers, *, request_id: str, listed: frozenset | None = None,
+              chunked: bool | None = None) -> Headers:
     """Headers for the response we send to the client.
 
     Framing is redone on the client side (ClientConnection.send_response):
@@ -90,16 +95,16 @@ def to_client(headers: Headers, *, request_id: str) -> Headers:
     Trailer header is kept: the trailers it announces are passed through
     where the client can take them.
     """
-    listed = _connection_tokens(headers)
-    chunked = any(name == b"transfer-encoding" for name, _ in headers)
+    listed = _connection_tokens(headers) if listed is None else listed - _NOT_LISTABLE
+    if chunked is None:
+        chunked = any(name == b"transfer-encoding" for name, _ in headers)
     out: Headers = []
-    for name, value in headers:
-        if (name in HOP_BY_HOP and name != b"trailer") or name in listed \
-                or name == b"x-request-id":
+    dropped = _TO_CLIENT_DROPPED | listed if listed else _TO_CLIENT_DROPPED
+    for pair in headers:
+        name = pair[0]
+        if name in dropped or (chunked and name == b"content-length"):
             continue
-        if chunked and name == b"content-length":
-            continue
-        out.append((name, value))
+        out.append(pair)
     out.append((b"x-request-id", request_id.encode("ascii")))
     return out
 

@@ -12,6 +12,8 @@ from collections import deque
 
 import httptools
 
+from .framing import HeadScanner, Refused
+
 
 _ParserError = httptools.HttpParserError
 _CallbackError = httptools.HttpParserCallbackError
@@ -26,9 +28,11 @@ def _reraise_ours(exc: Exception) -> None:
 
 
 def _status_for(message: str) -> int:
-    if "version" in message or "PRI" in message:
-        return 505      # HTTP/2 preface, HTTP/1.2, ...
-    return 400
+    """llhttp's error, as the status framing gives the same fault."""
+    if "Invalid HTTP version" in message or "PRI" in message or "HTTP/2" in message:
+        return 505      # HTTP/1.2, an HTTP/2 preface
+    return 400          # ("Invalid method": garbage and unknown methods alike; the
+                        # head's own check tells them apart where it sees the head)
 
 
 def _size(call, args: tuple) -> int:
@@ -51,10 +55,11 @@ def _request_parser(sink) -> "httptools.HttpRequestParser":
 
 class RequestParser:
     __slots__ = ("_sink", "_parser", "_url", "_headers", "_size", "_in_head", "_trailers",
-                 "_held", "_queue", "_queued_bytes", "_failed", "_replaying")
+                 "_held", "_queue", "_queued_bytes", "_failed", "_replaying", "_scanner")
 
     def __init__(self, sink, max_head: int):
         self._sink = sink
+        self._scanner = HeadScanner(max_head)
         self._parser = _request_parser(self)
         self._url = b""
         self._headers: list = []
@@ -70,6 +75,18 @@ class RequestParser:
     # --- fed by the connection
 
     def feed(self, data: bytes) -> None:
+        if not self._held and not self._failed:
+            # A head that starts here is checked raw, as with h11.  (Pipelined
+            # heads behind a request still being answered are llhttp's alone:
+            # it parses them in one go; it is strict on every rule HeadScanner
+            # checks, which tests/test_framing_corpus.py holds it to.)
+            scanner = self._scanner
+            if not scanner.done:
+                try:
+                    scanner.feed(data)
+                except Refused as exc:
+                    self._fail(exc.status, exc.reason)
+                    return
         while data and not self._failed:
             try:
                 self._parser.feed_data(data)
@@ -87,7 +104,12 @@ class RequestParser:
                 self._fail(_status_for(message), f"malformed request: {message}")
 
     def buffered(self) -> int:
-        return self._queued_bytes
+        # (a head llhttp is still reading counts too: it is held in its state)
+        return self._queued_bytes + (self._size if self._in_head and self._held else 0)
+
+    def head_pending(self) -> bool:
+        """Part of a request head has arrived, not all of it."""
+        return self._in_head or self._scanner.started
 
     def next_message(self) -> None:
         self._held = False
@@ -104,6 +126,10 @@ class RequestParser:
                 call(*args)
         finally:
             self._replaying = False
+        if queue or self._in_head:
+            self._scanner.done = True   # a pipelined head: llhttp has it already
+        else:
+            self._scanner.reset()       # the next head starts in a later read
 
     def _fail(self, status: int, reason: str) -> None:
         self._failed = True
@@ -122,7 +148,7 @@ class RequestParser:
         self._url = b""
         self._headers = []
         self._trailers = []
-        self._size = 14
+        self._size = 12                 # the request line's spaces, version and CRLF
         self._in_head = True
 
     def on_url(self, url: bytes) -> None:
@@ -130,9 +156,12 @@ class RequestParser:
         self._size += len(url)
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # llhttp leaves trailing whitespace on a value; h11 strips it (RFC
+        # 9110 §5.5: it is not part of the value).
+        value = value.rstrip(b" \t")
         if self._in_head:
             self._headers.append((name.lower(), value))
-            self._size += len(name) + len(value) + 4
+            self._size += len(name) + len(value) + 3
         else:
             self._trailers.append((name.lower(), value))
 
