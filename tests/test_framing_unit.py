@@ -13,8 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lb.wire import engines, serialize
-from lb.wire.framing import (HeadScanner, Refused, check_request, check_response,
-                             clean_trailers, skip_empty_lines)
+from lb.wire.framing import (Refused, check_request, check_response, clean_trailers,
+                             skip_empty_lines)
+from lb.wire.head_scan import HeadScanner
 
 LIMIT = 16384
 

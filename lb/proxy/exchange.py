@@ -60,6 +60,8 @@ from .streaming import Streaming
 
 log = logging.getLogger("lb")
 
+_NOTHING_TRIED: frozenset = frozenset()
+
 if TYPE_CHECKING:
     from ..control.balancer import Balancer
     from ..wire.client import ClientConnection
@@ -152,7 +154,9 @@ class Exchange(Streaming, Recovery):
 
     def _acquire(self) -> None:
         scheduler = self.balancer.scheduler
-        result = scheduler.acquire(self, frozenset(self.tried), retry=bool(self.tried))
+        tried = self.tried
+        result = scheduler.acquire(self, frozenset(tried) if tried else _NOTHING_TRIED,
+                                   retry=bool(tried))
         if isinstance(result, Backend):
             self._begin(result)
         elif isinstance(result, Ticket):

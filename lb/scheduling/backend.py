@@ -13,6 +13,9 @@ FAILURE_KINDS = ("connect", "connect_timeout", "reset", "first_byte_timeout",
                  "idle_timeout", "bad_response")
 
 
+_STATUS_CLASSES = ("0xx", "1xx", "2xx", "3xx", "4xx", "5xx")
+
+
 class Backend:
     def __init__(self, cfg: BackendConfig, pool: UpstreamPool, *, passive: Passive,
                  active: Active, slow_start: float):
@@ -73,7 +76,7 @@ class Backend:
     def record_response(self, status: int) -> None:
         """The attempt's response head came: it ends here."""
         self.under_way -= 1
-        self.responses[f"{min(status // 100, 5)}xx"] += 1
+        self.responses[_STATUS_CLASSES[min(status // 100, 5)]] += 1
 
     def record_failure(self, kind: str, reason: str, *, ends_attempt: bool = True) -> None:
         """`ends_attempt`: False for a failure after the response head (the

@@ -272,6 +272,9 @@ class ClientConnection(CoalescedWrites, asyncio.Protocol):
             return
         if self._chunked:
             self._write([serialize.last_chunk(clean_trailers(trailers) if trailers else ())])
+        # The response is whole: out now, in one write, rather than at the
+        # end of the loop pass (a call_soon less, and the caller has it sooner).
+        self._flush()
         self._response_complete()
 
     def send_error(self, status: int, reason: str, request_id: str, *,

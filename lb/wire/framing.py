@@ -119,6 +119,9 @@ class Response:
 
 
 def _tokens(value: bytes) -> list[bytes]:
+    if b"," not in value:       # the usual case: one token
+        token = value.strip().lower()
+        return [token] if token else []
     return [t.strip().lower() for t in value.split(b",") if t.strip()]
 
 
@@ -274,26 +277,26 @@ def response_head_too_large(limit: int) -> str:
 def check_response(status: int, reason: bytes, version: bytes, headers: list,
                    request_method: bytes) -> Response:
     """A backend's response head: where its body ends, and may the
-    connection carry another request afterwards."""
+    connection carry another request afterwards.  (Runs for every response:
+    one pass, no regex; both parsers have refused bad bytes in values.)"""
     if version != b"1.1" and version != b"1.0":
         raise Refused(502, f"backend answered in HTTP/{version.decode('ascii', 'replace')}")
     response = Response(status, reason, version, headers)
-    lengths: set[bytes] = set()
-    codings: list[bytes] | None = None
-    keep_alive = version == b"1.1"
-    if headers and _BAD_VALUE.search(b"\t".join([v for _, v in headers])):
-        raise Refused(502, "invalid character in a backend response header")
-    tokens: list[bytes] = []
+    length = codings = tokens = None
     for name, value in headers:
         if name not in _RESPONSE_FIELDS:
             continue
         if name == b"content-length":
-            lengths.add(value.strip())
+            value = value.strip()
+            if length is not None and value != length:
+                raise Refused(502, "backend sent differing Content-Lengths")
+            length = value
         elif name == b"transfer-encoding":
             codings = (codings or []) + _tokens(value)
         else:   # connection
-            tokens += _tokens(value)
-    if tokens:
+            tokens = (tokens or []) + _tokens(value)
+    keep_alive = version == b"1.1"
+    if tokens is not None:
         response.connection_tokens = frozenset(tokens)
         if b"close" in tokens:
             keep_alive = False
@@ -312,117 +315,17 @@ def check_response(status: int, reason: bytes, version: bytes, headers: list,
             response.keep_alive = False
             return response
         response.chunked = True
-        if lengths:
+        if length is not None:
             response.keep_alive = False     # §6.3 rule 3: close after this one
         return response
-    if lengths:
-        if len(lengths) > 1 or not all(_DIGITS.fullmatch(v) for v in lengths):
+    if length is not None:
+        if not length.isdigit() or len(length) > 18:
             raise Refused(502, "backend sent an invalid Content-Length")
-        response.content_length = int(lengths.pop())
+        response.content_length = int(length)
         return response
     response.until_close = True
     response.keep_alive = False
     return response
-
-
-class HeadScanner:
-    """Raw-byte rules for a request head, however it arrives in pieces.
-
-    Some rules cannot be checked after a parser has read the head: h11 joins
-    an obs-fold line into the value before, collapses repeated Content-Lengths
-    and waits forever on a bare CR; llhttp takes a double space in the
-    request line.  So the head's own bytes are checked as they come, up to
-    its empty line, the same whichever engine reads them: the request line's
-    shape, a bare CR or LF, an obs-fold line, a control byte, Content-Length
-    (one, digits) and the head's size.  The engines feed it every head they
-    can see the start of (see h11_engine, httptools_engine).
-    """
-    __slots__ = ("limit", "size", "done", "_buf")
-
-    def __init__(self, limit: int):
-        self.limit = limit
-        self.reset()
-
-    def reset(self) -> None:
-        self.size = 0           # bytes of the head so far (empty lines before it not counted)
-        self.done = False
-        self._buf = b""         # the head so far, when it comes in pieces
-
-    @property
-    def started(self) -> bool:
-        return self.size > 0 and not self.done
-
-    def feed(self, data: bytes) -> bytes:
-        """Check the next bytes; raises Refused; sets `done` at the head's end.
-
-        Returns what of them a parser should read: empty lines before the
-        request line (RFC 9112 §2.2 says to ignore them) are taken out, and
-        a lone CR that may start one is kept back until the next piece."""
-        if self.done:
-            return data
-        fresh = not self.size
-        head = self._buf + data if self._buf else data
-        if fresh:
-            head = skip_empty_lines(head)
-            if not head or head == b"\r":
-                self._buf = head
-                return b""
-            data = head
-        end = head.find(b"\r\n\r\n")
-        if end >= 0:            # (usually the whole head is in one piece)
-            self.size = end + 2
-            self.done = True
-            self._buf = b""
-            _check_head(head[:end + 2], self.limit, True)
-            return data
-        self.size = len(head)
-        _check_head(head, self.limit, False)
-        self._buf = head
-        return data
-
-
-_REQUEST_LINE = re.compile(rb"[^ \r\n]+ [^ \r\n]+ HTTP/[0-9]\.[0-9]\r\n")
-# Bytes no head may hold: controls other than CR, LF and (in values) tab.
-_CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
-_LENGTH_VALUE = re.compile(rb"[ \t]*[0-9]+[ \t]*\r\n")
-
-
-def _check_head(head: bytes, limit: int, complete: bool) -> None:
-    """`head`: up to and with its last header line's CRLF (or what came so far)."""
-    if len(head) > limit:
-        raise Refused(431, head_too_large(limit))
-    # (an unfinished head may end in the CR of a CRLF still coming)
-    body = head if complete or head[-1:] != b"\r" else head[:-1]
-    crlf = body.count(b"\r\n")
-    if body.count(b"\r") != crlf or body.count(b"\n") != crlf:
-        raise Refused(400, "malformed request: a bare CR or LF line ending in the request head")
-    if b"\n " in body or b"\n\t" in body:
-        raise Refused(400, "malformed request: obs-fold (a header line starting with whitespace)")
-    if _CONTROL.search(body):
-        raise Refused(400, "malformed request: a control character (NUL, ...) in the request head")
-    if crlf:
-        if not _REQUEST_LINE.match(body):
-            raise Refused(400, "malformed request: invalid request line")
-        method = body[:body.find(b" ")]
-        if method == b"PRI":
-            raise Refused(505, HTTP2_REFUSED)
-        version = body[body.find(b"\r\n") - 3:body.find(b"\r\n")]
-        if version != b"1.1" and version != b"1.0":
-            check_version(version)
-        if method not in METHODS:
-            if not _METHOD.fullmatch(method):
-                raise Refused(400, "malformed request: invalid method")
-            raise Refused(501, f"method {method.decode('ascii')} is not supported")
-        if method == b"CONNECT":
-            raise Refused(405, CONNECT_REFUSED)
-    lowered = body.lower()
-    at = lowered.find(b"\ncontent-length:")
-    if at >= 0:
-        if lowered.find(b"\ncontent-length:", at + 1) >= 0:
-            raise Refused(400, "malformed request: more than one Content-Length")
-        start = at + len(b"\ncontent-length:")
-        if lowered.find(b"\r\n", start) >= 0 and not _LENGTH_VALUE.match(body, start):
-            raise Refused(400, "malformed request: invalid Content-Length")
 
 
 # RFC 9112 §2.2: a server should ignore at least one empty line before a

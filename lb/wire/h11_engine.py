@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import h11
 
-from .framing import HeadScanner, Refused
+from .framing import Refused
+from .head_scan import HeadScanner
 
 _Request = h11.Request
 _Response = h11.Response

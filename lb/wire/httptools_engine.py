@@ -12,7 +12,8 @@ from collections import deque
 
 import httptools
 
-from .framing import HeadScanner, Refused
+from .framing import Refused
+from .head_scan import HeadScanner
 
 
 _ParserError = httptools.HttpParserError

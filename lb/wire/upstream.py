@@ -182,6 +182,7 @@ class UpstreamConnection(CoalescedWrites, asyncio.Protocol):
         if self._chunked:
             self._write([serialize.last_chunk(trailers)])
         self._sent = True
+        self._flush()   # the request is whole: out now (see ClientConnection.send_end)
 
     def pause_reading(self) -> None:
         if not self._reading_paused and self.transport is not None and not self.transport.is_closing():
