@@ -352,3 +352,24 @@ def test_the_scanner_verdict_for_every_single_and_byte_by_byte_split(which):
     for cut in range(1, len(head)):
         assert (_scan([head[:cut], head[cut:]]) is not None) == bad, (head, cut)
     assert (_scan([head[i:i + 1] for i in range(len(head))]) is not None) == bad
+
+
+def _response_through(engine: str, data: bytes) -> list:
+    _, response_parser = engines.parsers(engine)
+    sink = Sink()
+    events = sink.events
+    sink.on_head = lambda *args: events.append(("head", *args))
+    parser = response_parser(sink, 65536)
+    parser.expect(b"GET")
+    parser.feed(data)
+    return events
+
+
+@pytest.mark.skipif(not engines.available("httptools"), reason="httptools not installed")
+def test_both_engines_hand_over_the_same_response_head_and_size():
+    data = (b"HTTP/1.1 200 OK\r\nServer: gpu \t\r\nContent-Length: 2\r\n\r\nok")
+    h11_events = _response_through("h11", data)
+    assert h11_events == _response_through("httptools", data)
+    assert h11_events[0] == ("head", 200, b"OK", b"1.1",
+                             [(b"server", b"gpu"), (b"content-length", b"2")],
+                             len(b"HTTP/1.1 200 OK\r\nServer: gpu\r\nContent-Length: 2\r\n"))

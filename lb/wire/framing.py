@@ -19,13 +19,13 @@ import os
 import re
 
 # RFC 9110 §5.6.2: a header name is a token.
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # A field value may hold any visible byte, space and tab -- never NUL, CR or
 # LF (RFC 9110 §5.5).  A CR or LF inside a value is how obs-fold (RFC 9112
 # §5.2) and header injection look after a lenient parser has read them.
 _BAD_VALUE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 # A method is a token too; upper case is not required, but nothing else is.
-_METHOD = _TOKEN
+_METHOD = TOKEN
 # The methods the balancer forwards: those llhttp knows (RFC 9110's, PATCH,
 # WebDAV's and a few more).  Any other is 501 Not Implemented (RFC 9110
 # §9.1), whichever engine reads it.
@@ -50,6 +50,14 @@ _REQUEST_ID = re.compile(rb"[\x21-\x7e]{1,128}")
 _DIGITS = re.compile(rb"[0-9]{1,18}")
 
 NO_BODY_STATUSES = frozenset({204, 304})
+
+# A header field's bytes besides its name and value, as an engine counts a
+# parsed head's size: for a request the least a field takes (":" and CRLF),
+# since HeadScanner counts the raw bytes exactly and the parsed count must
+# never say more; for a response as fields are written (": " and CRLF),
+# since the parsed count is the limit there when a head comes in one read.
+REQUEST_FIELD_BYTES = 3
+RESPONSE_FIELD_BYTES = 4
 CONNECT_REFUSED = "CONNECT is not supported: the balancer is not a forward proxy"
 HTTP2_REFUSED = "an HTTP/2 connection preface: HTTP/2 is not supported (HTTP/1.1 and 1.0 are)"
 _NONE: frozenset = frozenset()
@@ -357,4 +365,4 @@ def trailers_problem(trailers: list) -> str | None:
 def clean_trailers(trailers: list) -> list:
     """Trailer fields that may be passed on (none that frame or route)."""
     return [(n, v) for n, v in trailers
-            if n not in TRAILER_FORBIDDEN and _TOKEN.fullmatch(n) and not _BAD_VALUE.search(v)]
+            if n not in TRAILER_FORBIDDEN and TOKEN.fullmatch(n) and not _BAD_VALUE.search(v)]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import h11
 
-from .framing import Refused
+from .framing import REQUEST_FIELD_BYTES, RESPONSE_FIELD_BYTES, Refused
 from .head_scan import HeadScanner
 
 _Request = h11.Request
@@ -28,10 +28,9 @@ def _pairs(headers) -> list:
     return list(headers)
 
 
-def _head_size(first: int, headers: list) -> int:
-    """The head's size as parsed: at least what it took on the wire (the
-    exact count is HeadScanner's)."""
-    return first + sum(len(n) + len(v) + 3 for n, v in headers)
+def _head_size(first: int, headers: list, field_bytes: int) -> int:
+    """The head's size as parsed (see framing.REQUEST_FIELD_BYTES)."""
+    return first + sum(len(n) + len(v) for n, v in headers) + field_bytes * len(headers)
 
 
 class RequestParser:
@@ -129,7 +128,8 @@ class RequestParser:
             elif kind is _Request:
                 headers = _pairs(event.headers)
                 sink.on_head(event.method, event.target, event.http_version, headers,
-                             _head_size(len(event.method) + len(event.target) + 12, headers))
+                             _head_size(len(event.method) + len(event.target) + 12, headers,
+                                        REQUEST_FIELD_BYTES))
             elif kind is _EndOfMessage:
                 self._held = True
                 sink.on_end(_pairs(event.headers))
@@ -191,7 +191,7 @@ class ResponseParser:
                 self._head_seen = True
                 headers = _pairs(event.headers)
                 sink.on_head(event.status_code, event.reason, event.http_version, headers,
-                             _head_size(len(event.reason) + 15, headers))
+                             _head_size(len(event.reason) + 15, headers, RESPONSE_FIELD_BYTES))
             elif kind is _EndOfMessage:
                 self._done = True
                 sink.on_end(_pairs(event.headers))

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import re
 
-from .framing import (CONNECT_REFUSED, HTTP2_REFUSED, METHODS, Refused, check_version,
+from .framing import (CONNECT_REFUSED, HTTP2_REFUSED, METHODS, TOKEN, Refused, check_version,
                       head_too_large, skip_empty_lines)
-
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
 class HeadScanner:
@@ -99,7 +97,7 @@ def _check_head(head: bytes, limit: int, complete: bool) -> None:
         if version != b"1.1" and version != b"1.0":
             check_version(version)
         if method not in METHODS:
-            if not _TOKEN.fullmatch(method):
+            if not TOKEN.fullmatch(method):
                 raise Refused(400, "malformed request: invalid method")
             raise Refused(501, f"method {method.decode('ascii')} is not supported")
         if method == b"CONNECT":

@@ -12,7 +12,7 @@ from collections import deque
 
 import httptools
 
-from .framing import Refused
+from .framing import REQUEST_FIELD_BYTES, RESPONSE_FIELD_BYTES, Refused
 from .head_scan import HeadScanner
 
 
@@ -54,8 +54,25 @@ def _request_parser(sink) -> "httptools.HttpRequestParser":
     return parser
 
 
-class RequestParser:
-    __slots__ = ("_sink", "_parser", "_url", "_headers", "_size", "_in_head", "_trailers",
+class _Fields:
+    """The header lines of a head, or of the trailers after a chunked body,
+    as both parsers collect them (llhttp calls on_header for both)."""
+    __slots__ = ("_headers", "_trailers", "_size", "_in_head")
+    FIELD_BYTES = REQUEST_FIELD_BYTES
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        # llhttp leaves trailing whitespace on a value; h11 strips it (RFC
+        # 9110 §5.5: it is not part of the value).
+        value = value.rstrip(b" \t")
+        if self._in_head:
+            self._headers.append((name.lower(), value))
+            self._size += len(name) + len(value) + self.FIELD_BYTES
+        else:
+            self._trailers.append((name.lower(), value))
+
+
+class RequestParser(_Fields):
+    __slots__ = ("_sink", "_parser", "_url",
                  "_held", "_queue", "_queued_bytes", "_failed", "_replaying", "_scanner")
 
     def __init__(self, sink, max_head: int):
@@ -156,16 +173,6 @@ class RequestParser:
         self._url += url
         self._size += len(url)
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        # llhttp leaves trailing whitespace on a value; h11 strips it (RFC
-        # 9110 §5.5: it is not part of the value).
-        value = value.rstrip(b" \t")
-        if self._in_head:
-            self._headers.append((name.lower(), value))
-            self._size += len(name) + len(value) + 3
-        else:
-            self._trailers.append((name.lower(), value))
-
     def on_headers_complete(self) -> None:
         self._in_head = False
         parser = self._parser
@@ -184,9 +191,9 @@ class RequestParser:
             self._sink.on_end(self._trailers)
 
 
-class ResponseParser:
-    __slots__ = ("_sink", "_parser", "_headers", "_trailers", "_size", "_in_head", "_done",
-                 "_head_only", "_after", "_limit", "_reason")
+class ResponseParser(_Fields):
+    __slots__ = ("_sink", "_parser", "_done", "_head_only", "_after", "_limit", "_reason")
+    FIELD_BYTES = RESPONSE_FIELD_BYTES
 
     def __init__(self, sink, max_head: int):
         self._sink = sink
@@ -242,13 +249,6 @@ class ResponseParser:
     def on_status(self, reason: bytes) -> None:
         self._reason = reason
         self._size += len(reason) + 15
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if self._in_head:
-            self._headers.append((name.lower(), value))
-            self._size += len(name) + len(value) + 4
-        else:
-            self._trailers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
         self._in_head = False
