@@ -75,15 +75,23 @@ class Process:
         return self.proc.returncode
 
 
-class Backend(Process):
-    def __init__(self, port: int = 0):
-        super().__init__(["-m", "backends.echo", "--port", str(port)])
+class Server(Process):
+    """`python -m MODULE --port N ...` of backends/: started, its port read
+    from the "listening on" line it prints."""
+
+    def __init__(self, module: str, port: int = 0, *args: str):
+        super().__init__(["-m", module, "--port", str(port), *args])
         try:
             self.port = int(self.wait_for_line(r"listening on 127\.0\.0\.1:(\d+)").group(1))
         except BaseException:
             self.stop()
             raise
         self.url = f"http://127.0.0.1:{self.port}"
+
+
+class Backend(Server):
+    def __init__(self, port: int = 0):
+        super().__init__("backends.echo", port)
 
     def stats(self) -> dict:
         return get_json(self.port, "/_stats")

@@ -9,13 +9,13 @@ from __future__ import annotations
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 
 import pytest
 
-from conftest import ROOT, RawReader, connect, lb_config, raw_request
+from conftest import (ROOT, Balancer, RawReader, ScriptedBackend, connect, lb_config,
+                      raw_request, read_head)
 
 
 def _metrics(port: int) -> str:
@@ -34,7 +34,6 @@ def test_the_engine_is_named_in_the_log_the_stats_and_the_metrics(start_backend,
 def test_auto_runs_httptools_when_it_is_installed(start_backend, tmp_path):
     path = tmp_path / "lb.toml"
     path.write_text(lb_config([start_backend().url]))     # [listen] http left at auto
-    from conftest import Balancer
     lb = Balancer(path)
     try:
         assert lb.stats()["http_engine"] == "httptools"
@@ -64,7 +63,6 @@ def test_a_bad_engine_is_one_line_naming_the_key(tmp_path):
 def test_the_command_line_engine_wins_over_the_file(start_backend, tmp_path):
     path = tmp_path / "lb.toml"
     path.write_text(lb_config([start_backend().url], listen={"http": "httptools"}))
-    from conftest import Balancer
     lb = Balancer(path, http="h11")
     try:
         assert lb.stats()["http_engine"] == "h11"
@@ -75,58 +73,30 @@ def test_the_command_line_engine_wins_over_the_file(start_backend, tmp_path):
 # --- a backend that answers with whatever bytes a test gives it
 
 
-class ScriptedBackend:
-    """Accepts connections; answers each request head with `answer`, written
-    in `piece`-byte writes."""
-
-    def __init__(self, answer: bytes, piece: int = 0):
-        self.answer, self.piece = answer, piece
-        self.heads: list[bytes] = []
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
-
-    def _one(self, conn: socket.socket) -> None:
-        with conn:
-            conn.settimeout(10)
-            buf = b""
-            try:
-                while b"\r\n\r\n" not in buf:
-                    data = conn.recv(65536)
-                    if not data:
-                        return
-                    buf += data
-                self.heads.append(buf.split(b"\r\n\r\n", 1)[0])
-                step = self.piece or len(self.answer)
-                for i in range(0, len(self.answer), step):
-                    conn.sendall(self.answer[i:i + step])
-                    if self.piece:
-                        time.sleep(0.002)
-                conn.recv(65536)
-            except OSError:
-                pass
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 @pytest.fixture
 def scripted():
+    """make(answer, piece): a conftest ScriptedBackend answering each request
+    head with `answer`, in `piece`-byte writes; the heads it got in .heads."""
     made: list[ScriptedBackend] = []
 
     def make(answer: bytes, piece: int = 0) -> ScriptedBackend:
-        backend = ScriptedBackend(answer, piece)
+        heads: list[bytes] = []
+
+        def handle(conn: socket.socket, index: int) -> None:
+            buf = read_head(conn)
+            if buf is None:
+                return
+            heads.append(buf.split(b"\r\n\r\n", 1)[0])
+            step = piece or len(answer)
+            for i in range(0, len(answer), step):
+                conn.sendall(answer[i:i + step])
+                if piece:
+                    time.sleep(0.002)
+            conn.recv(65536)
+
+        backend = ScriptedBackend(handle)
+        backend.heads = heads
+        backend.url = f"http://127.0.0.1:{backend.port}"
         made.append(backend)
         return backend
 

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from conftest import Balancer, Process, RawReader, connect, get_json, lb_config
+from conftest import Balancer, RawReader, Server, connect, get_json, lb_config
 from framing_cases import BACKEND_HOST, CASES, CLIENT_HEADER, IDLE, PAUSE, Case
 
 ENGINES = ["httptools", "h11"]
@@ -31,15 +31,9 @@ _STATUS_LINE = re.compile(rb"HTTP/1\.1 ([1-5][0-9][0-9]) [\x20-\x7e]*")
 _FIELD_LINE = re.compile(rb"(" + _TOKEN + rb"): ([\t\x20-\x7e\x80-\xff]*)")
 
 
-class Recorder(Process):
+class Recorder(Server):
     def __init__(self):
-        super().__init__(["-m", "backends.recorder", "--port", "0"])
-        try:
-            self.port = int(self.wait_for_line(r"listening on 127\.0\.0\.1:(\d+)").group(1))
-        except BaseException:
-            self.stop()
-            raise
-        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__("backends.recorder")
 
     def records(self) -> list[dict]:
         return get_json(self.port, "/_records")
