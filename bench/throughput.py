@@ -2,6 +2,7 @@
 
 Run it:   python -m bench.throughput [--duration 5] [--connections 50] [--repeat 3]
                                      [--http httptools|h11|both] [--workloads small,large,streams]
+                                     (also: tunnel,tcp; not in the default)
                                      [--skip-haproxy] [--json [PATH]] [--profile]
 
 Everything runs on 127.0.0.1.  One backend is started (nginx when it is on PATH,
@@ -17,6 +18,10 @@ measured against each target:
   streams --streams concurrent chunked responses from a bench.streams backend (its own
           balancers and HAProxy in front of it), a chunk every --stream-interval-ms:
           the delay each proxy adds to a chunk, p50 and p99 (bench.throughput_streams)
+  tunnel  bulk bytes both ways and 64-byte round trips through a WebSocket-style upgrade
+          tunnel, beside HAProxy mode tcp and a bench.bulk_server backend directly: MiB/s,
+          added round-trip p50/p99 (bench.throughput_tunnel)
+  tcp     the same through a [[tcp]] listener (no upgrade head)
 
 The load comes from wrk when it is on PATH (`wrk -t1 -cN -dDs --latency`), else
 from a closed-loop Python client (threads with http.client).  Each cell is run
@@ -49,12 +54,16 @@ from bench.processes import BenchError, Services, Stop, log, make_tmp, tool_vers
 from bench.throughput_args import parse_args   # the tests check the options with it too
 from bench.throughput_clients import WORKLOADS, Client, Result, make_client
 from bench.throughput_profile import run_profile
-from bench.throughput_report import format_ms, format_table, ratios, summarize, write_json
+from bench.throughput_report import (compare_tunnel, format_ms, format_table, format_tunnel_table,
+                                     ratios, summarize, summarize_tunnel, write_json)
 from bench.throughput_streams import (StreamRun, added_delays, format_streams_table, run_round,
                                       sanity_check_streams, shown, start_stream_targets,
                                       summarize_streams)
 from bench.throughput_targets import (Backend, lb_target, sanity_check, start_echo,
                                       start_haproxy, start_lb, start_nginx, target_order)
+from bench.throughput_tunnel import (ECHO_BYTES, ECHO_ROUNDS, TUNNEL_WORKLOADS, Target,
+                                     run_cell, sanity_check_tunnels, shown as shown_tunnel,
+                                     start_tunnel_targets)
 
 WARMUP_SECONDS = 1
 
@@ -121,6 +130,10 @@ def _bench(args: argparse.Namespace, services: Services, tmp: Path) -> int:
     if "streams" in args.workloads:
         log("starting the streams backend and its proxies")
         stream_ports = start_stream_targets(services, tmp, args, with_haproxy)
+    tunnel_targets: dict[str, dict[str, Target]] = {}   # tunnel/tcp: in front of bulk_server
+    if any(wl in TUNNEL_WORKLOADS for wl in args.workloads):
+        log("starting the bulk backend and its proxies")
+        tunnel_targets = start_tunnel_targets(services, tmp, args, with_haproxy)
 
     meta = _meta(args, backend, client, not_run)
     print(_header(args, meta), flush=True)
@@ -130,11 +143,13 @@ def _bench(args: argparse.Namespace, services: Services, tmp: Path) -> int:
             sanity_check(target, ports[target], backend, args.body_mib << 20)
     if stream_ports:
         sanity_check_streams(stream_ports, args.stream_chunk_bytes)
+    if tunnel_targets:
+        sanity_check_tunnels(tunnel_targets)
     log("sanity checks passed; warming up")
     for target in ports:
         client.small(ports[target], backend.small_path, args.connections, WARMUP_SECONDS)
 
-    runs = _measure(args, backend, client, ports, stream_ports)
+    runs = _measure(args, backend, client, ports, stream_ports, tunnel_targets)
     summary: dict[str, dict] = {wl: {t: summarize(r) for t, r in runs[wl].items()}
                                 for wl in http_workloads}
     rat = ratios(summary, args.engines)
@@ -150,13 +165,20 @@ def _bench(args: argparse.Namespace, services: Services, tmp: Path) -> int:
         print(format_streams_table(summary["streams"], added, meta, args.engines, not_run),
               flush=True)
 
+    compared = {}
+    for wl in tunnel_targets:
+        summary[wl] = {t: summarize_tunnel(r) for t, r in runs[wl].items()}
+        compared[wl] = compare_tunnel(summary[wl])
+        print()
+        print(format_tunnel_table(wl, summary[wl], compared[wl], meta, not_run), flush=True)
+
     profile = None
     if args.profile:
         profile = run_profile(args, services, tmp, backend, client)
 
     if args.json:
         write_json(args.json, meta=meta, summary=summary, rat=rat, runs=runs, not_run=not_run,
-                   profile=profile, streams_added=added)
+                   profile=profile, streams_added=added, tunnel_compared=compared or None)
     return 0
 
 
@@ -172,11 +194,18 @@ def _meta(args: argparse.Namespace, backend: Backend | None, client: Client | No
         "haproxy": (f"HAProxy {haproxy_version}, nbthread 1 (single-threaded to match the "
                     f"single-process lb), mode http, keep-alive, http-reuse always"
                     if haproxy_version else f"not run ({not_run.get('haproxy')})"),
+        "haproxy_tcp": (f"HAProxy {haproxy_version}, nbthread 1, mode tcp, timeouts only; one "
+                        f"instance for tunnel and tcp (the upgrade head and the 101 pass "
+                        f"through it as bytes)"
+                        if haproxy_version and any(wl in TUNNEL_WORKLOADS for wl in args.workloads)
+                        else None),
         "duration_s": args.duration, "repeat": args.repeat, "connections": args.connections,
         "large_connections": args.large_connections, "body_mib": args.body_mib,
         "small_path": backend and backend.small_path, "large_path": backend and backend.large_path,
         "streams": {"streams": args.streams, "chunks": args.stream_chunks,
                     "interval_ms": args.stream_interval_ms, "chunk_bytes": args.stream_chunk_bytes},
+        "tunnel": {"connections": args.tunnel_connections, "echo_rounds": ECHO_ROUNDS,
+                   "echo_bytes": ECHO_BYTES},
         "cpus": os.cpu_count(), "python": platform.python_version(),
         "machine": platform.platform(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -189,19 +218,42 @@ def _header(args: argparse.Namespace, meta: dict) -> str:
     idle = [f"pool.max_idle {max(32, args.connections * 2)}"] if meta["backend"] else []
     if "streams" in args.workloads:
         idle.append(f"{max(32, args.streams * 2)} for streams")
+    tunnels = [wl for wl in TUNNEL_WORKLOADS if wl in args.workloads]
     lines.append(f"  lb      : python -m lb --http {{{','.join(args.engines)}}}, one balancer per "
-                 f"engine, single process (uvloop), access log off, {', '.join(idle)}")
-    lines.append(f"  haproxy : {meta['haproxy']}"
-                 + ("; for streams also option http-no-delay"
-                    if "streams" in args.workloads and "not run" not in meta["haproxy"] else ""))
+                 f"engine, single process (uvloop), access log off"
+                 + "".join(f", {i}" for i in idle))
+    if tunnels:
+        own = args.engines if "tunnel" in tunnels else args.engines[:1]
+        lines.append(f"            for {'/'.join(tunnels)}: balancers of their own "
+                     f"({', '.join(lb_target(e) for e in own)}) in front of the bulk server, "
+                     f"max_concurrency 1000, other limits and timeouts at their defaults"
+                     + (f"; tcp's lb row is a [[tcp]] listener of the "
+                        f"{lb_target(args.engines[0])} process (no HTTP engine touches a "
+                        f"TCP splice)" if "tcp" in tunnels else ""))
+    if meta["backend"] or "streams" in args.workloads or not meta["haproxy_tcp"]:
+        lines.append(f"  haproxy : {meta['haproxy']}"
+                     + ("; for streams also option http-no-delay"
+                        if "streams" in args.workloads and "not run" not in meta["haproxy"]
+                        else ""))
+    if meta["haproxy_tcp"]:
+        lines.append(f"  haproxy : {meta['haproxy_tcp']}")
     if meta["client"]:
         lines.append(f"  client  : {meta['client_description']}")
+    if tunnels:
+        t = meta["tunnel"]
+        lines.append(f"  tunnels : bench.bulk_server backend (asyncio, uvloop; sink, source, "
+                     f"echo); client: threads with blocking sockets in this process, "
+                     f"{t['connections']} connections each way, then {t['echo_bytes']} B round "
+                     f"trips on one connection")
     if "streams" in args.workloads:
         s = meta["streams"]
         lines.append(f"  streams : bench.streams backend and asyncio client (separate processes): "
                      f"{s['streams']} streams x {s['chunks']} chunks of {s['chunk_bytes']} B, "
                      f"{s['interval_ms']} ms apart, starts spread over one interval")
     each = [f"{args.duration} s each"] if meta["backend"] else []
+    if tunnels:
+        each.append(f"{'/'.join(tunnels)}: {args.duration} s up, {args.duration} s down, "
+                    f"then the round trips")
     if "streams" in args.workloads:
         each.append("streams: one round each")
     lines.append(f"  runs    : {', '.join(each)}; {args.repeat} per cell (targets interleaved), "
@@ -210,11 +262,13 @@ def _header(args: argparse.Namespace, meta: dict) -> str:
 
 
 def _measure(args: argparse.Namespace, backend: Backend | None, client: Client | None,
-             ports: dict[str, int], stream_ports: dict[str, int]) -> dict[str, dict[str, list]]:
-    """Every run: runs[workload][target] = [Result or StreamRun, one per repeat]."""
+             ports: dict[str, int], stream_ports: dict[str, int],
+             tunnel_targets: dict[str, dict[str, Target]]) -> dict[str, dict[str, list]]:
+    """Every run: runs[workload][target] = [Result, StreamRun or TunnelRun, one per repeat]."""
     runs: dict[str, dict[str, list]] = {
-        wl: {t: [] for t in target_order(args.engines)
-             if t in (stream_ports if wl == "streams" else ports)}
+        wl: ({t: [] for t in tunnel_targets[wl]} if wl in TUNNEL_WORKLOADS else
+             {t: [] for t in target_order(args.engines)
+              if t in (stream_ports if wl == "streams" else ports)})
         for wl in args.workloads}
     for i in range(args.repeat):
         for wl in args.workloads:     # targets interleaved: drift in machine load hits all alike
@@ -224,6 +278,10 @@ def _measure(args: argparse.Namespace, backend: Backend | None, client: Client |
                     r = run_round(stream_ports[target], args.streams, args.stream_chunks,
                                   args.stream_interval_ms, args.stream_chunk_bytes)
                     text = shown(r)
+                elif wl in TUNNEL_WORKLOADS:
+                    r = run_cell(tunnel_targets[wl][target], args.tunnel_connections,
+                                 args.duration)
+                    text = shown_tunnel(r)
                 elif wl == "small":
                     r = client.small(ports[target], backend.small_path, args.connections,
                                      args.duration)
@@ -233,7 +291,7 @@ def _measure(args: argparse.Namespace, backend: Backend | None, client: Client |
                     r = client.large(ports[target], backend.large_path, args.large_connections,
                                      args.duration)
                     text = f"{r.mib_s:,.1f} MiB/s ({r.requests} bodies completed)"
-                if wl != "streams" and r.errors:
+                if wl in WORKLOADS and r.errors:
                     text += f", {r.errors} errors"
                 log(f"run {i + 1}/{args.repeat} {wl:<7} {target:<12} {text}")
                 runs[wl][target].append(r)

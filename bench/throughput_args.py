@@ -18,7 +18,8 @@ from bench.throughput_clients import WORKLOADS
 from bench.throughput_profile import TOP_N
 from bench.throughput_targets import ENGINES
 
-ALL_WORKLOADS = (*WORKLOADS, "streams")
+DEFAULT_WORKLOADS = (*WORKLOADS, "streams")
+ALL_WORKLOADS = (*DEFAULT_WORKLOADS, "tunnel", "tcp")   # tunnel, tcp: bench.throughput_tunnel
 MAX_STREAM_SECONDS = 600     # one stream's chunks x interval: every run stays bounded
 
 JSON_DEFAULT = object()          # --json given without a PATH
@@ -87,10 +88,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--http", choices=(*ENGINES, "both"), default="both",
                    help="the balancer's HTTP engine (python -m lb --http ENGINE); both: measure "
                         "one balancer per engine in the same run (default both)")
-    p.add_argument("--workloads", type=_workloads, default=list(ALL_WORKLOADS),
+    p.add_argument("--workloads", type=_workloads, default=list(DEFAULT_WORKLOADS),
                    metavar="W,W,...",
                    help=f"which workloads to run, from {', '.join(ALL_WORKLOADS)} "
-                        f"(default all)")
+                        f"(default {','.join(DEFAULT_WORKLOADS)})")
     p.add_argument("--streams", type=_int_range(1, 2000, "--streams"), default=200,
                    metavar="N", help="streams workload: concurrent streams per round "
                                      "(default 200)")
@@ -103,6 +104,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    default=2400, metavar="B",
                    help="streams workload: bytes per chunk (default 2400: 50 ms of 24 kHz "
                         "16-bit mono audio)")
+    p.add_argument("--tunnel-connections", type=_int_range(1, 64, "--tunnel-connections"),
+                   default=4, metavar="N",
+                   help="tunnel and tcp workloads: parallel connections each way (default 4)")
     args = p.parse_args(argv)
     args.engines = list(ENGINES) if args.http == "both" else [args.http]
 

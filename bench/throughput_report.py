@@ -1,5 +1,6 @@
 """bench.throughput's output: the medians, each balancer's ratios to HAProxy and to the
-backend directly, the table, the JSON.
+backend directly, the table, the JSON (and the same for the tunnel and tcp workloads:
+MiB/s against HAProxy's, round trips against the direct one's).
 
 Pure functions of the runs' Results (no processes, no network), so that the numbers and
 their layout can be read and tested apart from the measuring.  Each cell is the median of
@@ -132,13 +133,97 @@ def format_table(summary: dict, rat: dict, meta: dict, not_run: dict[str, str],
     return "\n".join(lines)
 
 
+# --- the tunnel and tcp workloads (bench.throughput_tunnel) ------------------------------
+
+TARGET_X_HAPROXY = 0.9      # the issue's line: a tunnel moves >= 0.9x HAProxy's MiB/s
+
+
+def summarize_tunnel(runs: list) -> dict:
+    """Medians of a target's TunnelRuns (bench.throughput_tunnel), each with its runs."""
+    out = {key: _median([getattr(r, key) for r in runs])
+           for key in ("upload_mib_s", "download_mib_s", "p50_ms", "p99_ms")}
+    out["errors"] = sum(r.errors for r in runs)
+    out["echo_rounds"] = sum(r.echo_rounds for r in runs)
+    for key in ("upload_mib_s", "download_mib_s", "p99_ms"):
+        out[f"{key}_runs"] = [getattr(r, key) for r in runs]
+    return out
+
+
+def compare_tunnel(summary: dict[str, dict]) -> dict[str, dict]:
+    """Each proxy target's MiB/s over HAProxy's (not for HAProxy itself) and its echo round
+    trip minus the direct one's (ms; noise can make a small one negative)."""
+    direct, haproxy = summary.get("direct"), summary.get("haproxy")
+    out = {}
+    for target, s in summary.items():
+        if target == "direct":
+            continue
+        row = {}
+        if target != "haproxy":
+            for key in ("upload_mib_s", "download_mib_s"):
+                row[f"{key.split('_')[0]}_x_haproxy"] = _ratio(s[key], haproxy and haproxy[key])
+        for p in ("p50", "p99"):
+            ours, base = s[f"{p}_ms"], direct and direct[f"{p}_ms"]
+            row[f"{p}_added_ms"] = ours - base if ours is not None and base is not None else None
+        out[target] = row
+    return out
+
+
+def _added(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return ("-" if value < 0 else "+") + format_ms(abs(value))
+
+
+def format_tunnel_table(workload: str, summary: dict, compared: dict, meta: dict,
+                        not_run: dict[str, str]) -> str:
+    """A row per target: upload and download MiB/s with their ratio to HAProxy, the echo
+    round trip and what the proxy adds to it; then the verdict on the issue's target."""
+    t = meta["tunnel"]
+    how = ("upgrade tunnel (GET /sink|/source|/echo, Upgrade: bulk, 101) on the HTTP listener"
+           if workload == "tunnel" else "[[tcp]] listener, plain TCP (no upgrade head)")
+    lines = [f"{workload}: {how}; {t['connections']} connections x {meta['duration_s']} s each "
+             f"way; echo: {t['echo_bytes']} B round trips on one connection, up to "
+             f"{t['echo_rounds']}"]
+    w = 9
+    head = (f"{'target':<13} {'up MiB/s':>{w}} {'down MiB/s':>10} {'x hap up':>8} "
+            f"{'x hap dn':>8} {'echo p50':>{w}} {'echo p99':>{w}} {'added p50':>{w + 1}} "
+            f"{'added p99':>{w + 1}} {'errors':>6}  runs up / down (min..max)")
+    lines += [head, "-" * len(head)]
+    for target, row in summary.items():
+        c = compared.get(target, {})
+        spread = " / ".join(x for x in (_spread(row["upload_mib_s_runs"], ".0f"),
+                                        _spread(row["download_mib_s_runs"], ".0f")) if x)
+        lines.append(f"{target:<13} {_num(row['upload_mib_s'], ',.1f'):>{w}} "
+                     f"{_num(row['download_mib_s'], ',.1f'):>10} "
+                     f"{_num(c.get('upload_x_haproxy'), '.2f'):>8} "
+                     f"{_num(c.get('download_x_haproxy'), '.2f'):>8} "
+                     f"{format_ms(row['p50_ms']):>{w}} {format_ms(row['p99_ms']):>{w}} "
+                     f"{_added(c.get('p50_added_ms')):>{w + 1}} "
+                     f"{_added(c.get('p99_added_ms')):>{w + 1}} {row['errors']:>6}  {spread}")
+    if "haproxy" not in summary:
+        lines.append(f"{'haproxy':<13} not run ({not_run.get('haproxy', 'skipped')})")
+    verdicts = []
+    for target, c in compared.items():
+        if target == "haproxy":
+            continue
+        for way in ("upload", "download"):
+            x = c.get(f"{way}_x_haproxy")
+            verdicts.append(f"{target} {way} " + ("-" if x is None else
+                            f"{x:.2f} {'met' if x >= TARGET_X_HAPROXY else 'NOT met'}"))
+    lines.append(f"target: >= {TARGET_X_HAPROXY:.2f}x haproxy MiB/s: " + ", ".join(verdicts))
+    return "\n".join(lines)
+
+
 def write_json(path_text: str, *, meta: dict, summary: dict, rat: dict,
                runs: dict[str, dict[str, list]], not_run: dict[str, str],
-               profile: dict | None, streams_added: dict | None = None) -> None:
-    """Everything the run found: meta, medians (summary[workload][target], streams too),
-    ratios, what each balancer adds to a streamed chunk, every run, what was not run, the
-    profile (per engine)."""
+               profile: dict | None, streams_added: dict | None = None,
+               tunnel_compared: dict | None = None) -> None:
+    """Everything the run found: meta, medians (summary[workload][target], streams, tunnel
+    and tcp too), ratios, what each balancer adds to a streamed chunk, how the tunnels
+    compare (tunnel_compared[workload][target]), every run, what was not run, the profile
+    (per engine)."""
     doc = {"meta": meta, "summary": summary, "ratios": rat, "streams_added": streams_added,
+           "tunnel_compared": tunnel_compared,
            "runs": {wl: {t: [vars(r) for r in by_target[t]] for t in by_target}
                     for wl, by_target in runs.items()},
            "not_run": not_run, "profile": profile}

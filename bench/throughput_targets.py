@@ -147,33 +147,36 @@ url = "http://{HOST}:{backend_port}"
 
 
 def start_haproxy(services: Services, tmp: Path, backend_port: int,
-                  name: str = "haproxy", streaming: bool = False) -> tuple[Service, str]:
+                  name: str = "haproxy", streaming: bool = False,
+                  mode: str = "http") -> tuple[Service, str]:
     """HAProxy in front of the backend (not bench.proxies': that one is set up for a GPU
     fleet, with limits, health checks and cookies that would only add work here).
     `streaming` adds `option http-no-delay`: by default HAProxy sends body data with
     MSG_MORE, so the kernel holds a small chunk up to 200 ms waiting for more; a streaming
-    deployment turns that off, and the streams workload measures it that way."""
+    deployment turns that off, and the streams workload measures it that way.
+    `mode="tcp"` (the tunnel and tcp workloads): bytes both ways, timeouts only."""
     version = tool_version(["haproxy", "-v"], r"version (\S+)")
-    no_delay = "    option http-no-delay\n" if streaming else ""
+    if mode == "tcp":
+        options, http_timeouts = "", ""
+    else:
+        options = ("    option http-keep-alive\n    http-reuse always\n"
+                   + ("    option http-no-delay\n" if streaming else ""))
+        http_timeouts = "    timeout http-request 10s\n    timeout http-keep-alive 60s\n"
 
     def argv_for_port(port: int) -> list[str]:
         conf = tmp / f"{name}.cfg"
         conf.write_text(f"""\
-# written by bench/throughput.py: HTTP mode, keep-alive both sides, single-threaded
+# written by bench/throughput.py: {mode} mode, single-threaded like the balancer
 global
     nbthread 1
     maxconn 4096
 
 defaults
-    mode http
-    option http-keep-alive
-    http-reuse always
-{no_delay}    timeout connect 5s
+    mode {mode}
+{options}    timeout connect 5s
     timeout client 60s
     timeout server 60s
-    timeout http-request 10s
-    timeout http-keep-alive 60s
-
+{http_timeouts}
 frontend bench_in
     bind {HOST}:{port}
     default_backend bench_out

@@ -43,6 +43,7 @@ class Timeouts:
     first_byte: float
     idle: float
     client_body: float = 30.0   # the whole request body must arrive within this
+    tunnel_idle: float = 300.0  # a WebSocket tunnel or TCP connection silent both ways this long ends
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,8 @@ class Cartesia:
 @dataclass(frozen=True)
 class Route:
     path: str                   # request path, exact
-    kind: str                   # chatterbox | openai | chattts
+    kind: str = ""              # chatterbox | openai | chattts ("": not a TTS call, no fallback)
+    slot: bool = True           # requests and tunnels here hold a backend slot (GPU work)
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,30 @@ class BackendConfig:
     max_concurrency: int = 4
     weight: int = 1
     health_path: str = ""       # "" : no active probes
+
+
+@dataclass(frozen=True)
+class TcpBackendConfig:
+    name: str
+    host: str
+    port: int
+    weight: int = 1
+    max_connections: int = 0    # at once (0: no limit)
+
+
+@dataclass(frozen=True)
+class TcpListener:
+    """A [[tcp]] table: a plain TCP listener with its own backends."""
+    name: str
+    host: str
+    port: int
+    backends: tuple[TcpBackendConfig, ...]
+    policy: str = "least_conn"
+    queue_limit: int = 1024     # connections that may wait for a free backend
+    queue_timeout: float = 10.0  # then the connection is closed
+    check: str = "none"         # none | connect | http
+    health_path: str = ""       # for check = "http"
+    health_port: int = 0        # 0: the backend's own port
 
 
 @dataclass(frozen=True)
@@ -149,4 +175,5 @@ class Config:
     cartesia: Cartesia
     backends: tuple[BackendConfig, ...]
     routes: tuple[Route, ...] = ()
+    tcp: tuple[TcpListener, ...] = ()
     warnings: tuple[str, ...] = ()   # not errors, but worth a look: `--check` prints them

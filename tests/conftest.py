@@ -145,12 +145,14 @@ class Balancer(Process):
         raise AssertionError(f"{field} not in /proc/{self.proc.pid}/status")
 
 
-def lb_config(backends: list, routes=(), **sections: dict) -> str:
+def lb_config(backends: list, routes=(), tcp=(), **sections: dict) -> str:
     """TOML text: a balancer on 127.0.0.1:0 in front of `backends`.
 
     Each backend is a URL, or a dict with "url" and any per-backend keys
     (max_concurrency, weight, health_path); they are named b0, b1, ...
-    `routes` are (path, kind) pairs, one [[route]] each.
+    `routes` are (path, kind) pairs or dicts of [[route]] keys, one [[route]]
+    each.  `tcp` are dicts of [[tcp]] keys, whose "backends" is a list of
+    dicts of [[tcp.backend]] keys.
     Sections are keyword arguments; dotted ones as **{"health.passive": {...}}.
     """
     merged = {"listen": {"address": "127.0.0.1:0"}, "log": {"access": True}}
@@ -164,9 +166,25 @@ def lb_config(backends: list, routes=(), **sections: dict) -> str:
         entry = {"url": entry} if isinstance(entry, str) else entry
         out += ["[[backend]]", f'name = "b{i}"']
         out.extend(f"{key} = {json.dumps(value)}" for key, value in entry.items())
-    for path, kind in routes:
-        out += ["[[route]]", f"path = {json.dumps(path)}", f"kind = {json.dumps(kind)}"]
+    for route in routes:
+        if not isinstance(route, dict):
+            route = {"path": route[0], "kind": route[1]}
+        out.append("[[route]]")
+        out.extend(f"{key} = {json.dumps(value)}" for key, value in route.items())
+    for listener in tcp:
+        out.append("[[tcp]]")
+        out.extend(f"{key} = {json.dumps(value)}" for key, value in listener.items()
+                   if key != "backends")
+        for entry in listener.get("backends", ()):
+            out.append("[[tcp.backend]]")
+            out.extend(f"{key} = {json.dumps(value)}" for key, value in entry.items())
     return "\n".join(out) + "\n"
+
+
+def tcp_port(balancer: "Balancer", name: str, timeout: float = START_TIMEOUT) -> int:
+    """The port a [[tcp]] listener took (its address said port 0)."""
+    return int(balancer.wait_for_line(rf"tcp {re.escape(name)}: listening on "
+                                      rf"127\.0\.0\.1:(\d+)", timeout).group(1))
 
 
 @pytest.fixture
@@ -188,9 +206,9 @@ def start_lb(tmp_path, http_engine):
     started: list[Balancer] = []
 
     def start(backends: list[str], preexec_fn=None, env: dict | None = None, routes=(),
-              **sections: dict) -> Balancer:
+              tcp=(), **sections: dict) -> Balancer:
         path = tmp_path / f"lb{len(started)}.toml"
-        path.write_text(lb_config(backends, routes, **sections))
+        path.write_text(lb_config(backends, routes, tcp, **sections))
         balancer = Balancer(path, preexec_fn=preexec_fn, env=env, http=http_engine)
         started.append(balancer)
         return balancer

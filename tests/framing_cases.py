@@ -113,13 +113,22 @@ ok("connection-lists-a-field", get(b"Connection: X-Foo", b"X-Foo: bar", b"X-Keep
    Seen(headers=((b"x-keep", b"1"),), absent=(b"x-foo",)))
 ok("connection-lists-content-length", post(HELLO, b"Connection: content-length"), POSTED)
 ok("connection-lists-host", get(b"Connection: host"))
-ok("upgrade-websocket", get(b"Connection: Upgrade", b"Upgrade: websocket"),
-   Seen(absent=(b"upgrade",)))
-ok("upgrade-then-pipelined", get(b"Connection: Upgrade", b"Upgrade: websocket") + get(target=b"/2"),
-   Seen(absent=(b"upgrade",)), Seen(target=b"/2"))
-# An upgrade is not carried: the request is an ordinary one.  With a body it is refused:
-# llhttp reads no body after an upgrade head, so the body would be read as a request.
+# An upgrade is carried (Upgrade and Connection: upgrade, nothing else the
+# Connection header lists); answered with anything but a 101 it was an
+# ordinary request, and the connection goes on.  (101s: test_websocket*.)
 UPGRADE = (b"Connection: Upgrade", b"Upgrade: websocket")
+UPGRADED = Seen(headers=((b"upgrade", b"websocket"), (b"connection", b"upgrade")),
+                carried=(b"upgrade", b"connection"))
+ok("upgrade-websocket", get(*UPGRADE), UPGRADED)
+ok("upgrade-then-pipelined", get(*UPGRADE) + get(target=b"/2"), UPGRADED, Seen(target=b"/2"))
+ok("upgrade-listed-with-others", get(b"Connection: keep-alive, Upgrade, X-Foo", b"X-Foo: 1",
+                                     b"Upgrade: websocket"),
+   Seen(headers=UPGRADED.headers, carried=UPGRADED.carried, absent=(b"x-foo",)))
+ok("upgrade-not-in-connection", get(b"Upgrade: websocket"), Seen(absent=(b"upgrade",)))
+ok("upgrade-http10", head(b"GET", b"/", b"HTTP/1.0", *UPGRADE), Seen(absent=(b"upgrade",)),
+   closes=True)
+# With a body it is refused: llhttp reads no body after an upgrade head, so
+# the body would be read as a request.
 refused("upgrade-cl-body", post(HELLO, *UPGRADE) + get(target=b"/2"))
 refused("upgrade-cl-body-holds-a-request", post(get(target=b"/admin"), *UPGRADE))
 refused("upgrade-chunked-body", post_chunked(CHUNKED_HELLO, *UPGRADE))

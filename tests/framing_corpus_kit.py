@@ -32,6 +32,7 @@ class Seen:
     trailers: tuple = ()        # ((lowercase name, value), ...), exactly these
     headers: tuple = ()         # (lowercase name, value) pairs among its headers
     absent: tuple = ()          # lowercase header names it must not carry
+    carried: tuple = ()         # hop-by-hop names it carries all the same (an upgrade's)
 
 
 @dataclass(frozen=True)

@@ -142,8 +142,8 @@ def test_defaults_with_only_a_backend():
 
 
 def test_expected_defaults_cover_every_config_field():
-    # backends and routes come from arrays of tables, not from SECTIONS.
-    assert set(EXPECTED_DEFAULTS) | {"backends", "routes", "warnings"} == set(Config.__dataclass_fields__)
+    # backends, routes and tcp come from arrays of tables, not from SECTIONS.
+    assert set(EXPECTED_DEFAULTS) | {"backends", "routes", "tcp", "warnings"} == set(Config.__dataclass_fields__)
     assert {ATTRS.get(name, name) for name in SECTIONS} == set(EXPECTED_DEFAULTS)
 
 
@@ -1062,7 +1062,7 @@ def test_unknown_key_in_route(key):
     exc = error_of(routes({"path": "/a", "kind": "openai"},
                           {"path": "/b", "kind": "openai", key: "x"}))
     assert exc.key == f"route[1].{key}"
-    assert "unknown key (known: path, kind)" in exc.reason
+    assert "unknown key (known: path, kind, slot)" in exc.reason
 
 
 @pytest.mark.parametrize("value", [{"path": "/a", "kind": "openai"}, "/a", 1, True])

@@ -173,3 +173,30 @@ def test_connection_close_appears_once(start_backend, start_lb, request_bytes):
         sock.sendall(request_bytes)
         resp = RawReader(sock).response()
     assert [v for n, v in resp.headers if n == "connection"] == ["close"]
+
+
+def test_a_head_pipelined_behind_an_answer_given_at_once_may_end_in_a_later_read(
+        start_backend, start_lb):
+    """The balancer's own endpoints answer inside the engine's end-of-request
+    callback, while the rest of the read -- the next head's start -- is still
+    being parsed; that head's end and its body come in later reads."""
+    lb = start_lb([start_backend().url])
+    with connect(lb.port) as sock:
+        sock.sendall(b"GET /lb-stats HTTP/1.1\r\nHost: t\r\n\r\n"
+                     b"POST /lb-stats HTTP/1.1\r\nHost: t\r\n")
+        time.sleep(0.2)
+        sock.sendall(b"Transfer-Encoding: chunked\r\n\r\n")
+        time.sleep(0.2)
+        sock.sendall(b"5\r\nhello\r\n0\r\n\r\nGET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+        reader = RawReader(sock)
+        assert [reader.response().status for _ in range(3)] == [200, 405, 200]
+
+
+def test_an_upgrade_answered_by_the_balancer_itself_lets_the_next_request_through(
+        start_backend, start_lb):
+    lb = start_lb([start_backend().url])
+    with connect(lb.port) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\nConnection: upgrade\r\n"
+                     b"Upgrade: websocket\r\n\r\nGET /lb-stats HTTP/1.1\r\nHost: t\r\n\r\n")
+        reader = RawReader(sock)
+        assert [reader.response().status for _ in range(2)] == [200, 200]

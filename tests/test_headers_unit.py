@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import h11
 
 from lb.wire.framing import Refused, check_request, new_request_id
-from lb.wire.headers import to_backend, to_client, wants_html
+from lb.wire.headers import switching, to_backend, to_client, wants_html
 
 # Written out here (not imported) so a change to lb.headers.HOP_BY_HOP shows up.
 HOP = {b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding", b"upgrade",
@@ -313,3 +313,59 @@ def test_request_id_property(value):
     else:
         assert HEX32.fullmatch(rid)
     rid.encode("ascii")  # always safe to put in a header and a log line
+
+
+# --- an upgrade (a WebSocket): the switch is said again, hop by hop
+
+WS_REQUEST = [(b"host", b"tts"), (b"connection", b"keep-alive, Upgrade, X-Secret"),
+              (b"upgrade", b"websocket"), (b"x-secret", b"s"), (b"keep-alive", b"300"),
+              (b"proxy-connection", b"keep-alive"), (b"sec-websocket-key", b"dGhlIHNhbXBsZQ=="),
+              (b"sec-websocket-version", b"13"), (b"origin", b"http://o")]
+
+
+@pytest.mark.parametrize("listed", [None, frozenset({b"keep-alive", b"upgrade", b"x-secret"})])
+def test_to_backend_with_upgrade_says_the_switch_once_and_drops_the_rest(listed):
+    out = to_backend(WS_REQUEST, client_ip="10.0.0.9", request_id=RID, chunked=False,
+                     listed=listed, upgrade=b"websocket")
+    assert values(out, b"connection") == [b"upgrade"]
+    assert values(out, b"upgrade") == [b"websocket"]
+    assert not set(names(out)) & (HOP - {b"connection", b"upgrade"} | {b"x-secret"})
+    assert out[:4] == [(b"host", b"tts"), (b"sec-websocket-key", b"dGhlIHNhbXBsZQ=="),
+                       (b"sec-websocket-version", b"13"), (b"origin", b"http://o")]
+
+
+def test_to_backend_without_upgrade_drops_the_clients_upgrade():
+    out = backend(WS_REQUEST)
+    assert b"upgrade" not in names(out) and b"connection" not in names(out)
+
+
+@settings(max_examples=150, deadline=None)
+@given(headers=header_lists, chunked=st.booleans(),
+       upgrade=st.sampled_from([b"websocket", b"h2c", b"websocket, foo/2"]))
+def test_to_backend_upgrade_adds_only_the_switch(headers, chunked, upgrade):
+    plain = to_backend(headers, client_ip="10.1.2.3", request_id="r", chunked=chunked)
+    out = to_backend(headers, client_ip="10.1.2.3", request_id="r", chunked=chunked,
+                     upgrade=upgrade)
+    switch = [(b"connection", b"upgrade"), (b"upgrade", upgrade)]
+    assert [pair for pair in out if pair not in switch] == plain
+    assert [pair for pair in out if pair in switch] == switch
+    if chunked:     # still framed last
+        assert out[-1] == (b"transfer-encoding", b"chunked")
+
+
+def test_switching_is_the_backends_101_headers_with_the_switch_said_again():
+    backend_101 = [(b"upgrade", b"WebSocket"), (b"connection", b"Upgrade, X-Hop"),
+                   (b"x-hop", b"1"), (b"sec-websocket-accept", b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
+                   (b"x-request-id", b"theirs"), (b"keep-alive", b"5"), (b"server", b"gpu")]
+    out = switching(backend_101, request_id=RID, upgrade=b"WebSocket")
+    assert out == [(b"sec-websocket-accept", b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), (b"server", b"gpu"),
+                   (b"x-request-id", RID.encode()),
+                   (b"connection", b"upgrade"), (b"upgrade", b"WebSocket")]
+
+
+@settings(max_examples=100, deadline=None)
+@given(headers=header_lists)
+def test_switching_property(headers):
+    out = switching(headers, request_id="rid-9", upgrade=b"websocket")
+    assert out[-2:] == [(b"connection", b"upgrade"), (b"upgrade", b"websocket")]
+    assert out[:-2] == to_client(headers, request_id="rid-9", chunked=False)

@@ -636,6 +636,71 @@ def test_retry_avoids_every_backend_it_tried():
         f.sched.release(backend)
 
 
+# --- choose: a backend for work that takes no slot
+
+
+class RecordingPolicy:
+    """Picks the last candidate and keeps what it was offered."""
+    name = "recording"
+
+    def __init__(self):
+        self.offered: list[list[str]] = []
+
+    def pick(self, candidates):
+        self.offered.append([b.name for b in candidates])
+        return candidates[-1]
+
+
+def test_choose_is_the_policys_pick_among_the_rotation_whatever_the_limits():
+    f = Fleet(1, 1, 1)
+    b0, b1, b2 = f.backends
+    f.sched.set_admin(b2, DRAIN)
+    f.sched.acquire(f.waiter())
+    f.sched.acquire(f.waiter())
+    queued = f.waiter()
+    assert isinstance(f.sched.acquire(queued), Ticket)      # no slot anywhere
+    f.sched.policy = policy = RecordingPolicy()
+    assert f.sched.choose() is b1
+    assert policy.offered == [["b0", "b1"]]                 # full ones too, not the drained
+    assert [b.in_flight for b in f.backends] == [1, 1, 0]   # nothing taken
+    assert [b.requests for b in f.backends] == [1, 1, 0]
+    assert f.sched.queued == 1 and not queued.dispatched    # the queue is not touched
+
+
+def test_choose_with_least_conn_takes_the_less_loaded_even_when_full():
+    f = Fleet(1, 4)
+    b0, b1 = f.backends
+    for _ in range(3):
+        f.sched.acquire(f.waiter())
+    assert (b0.in_flight, b1.in_flight) == (1, 2)   # b0 is full
+    assert all(f.sched.choose() is b0 for _ in range(5))
+
+
+def test_choose_avoids_what_it_tried_while_another_is_in_rotation():
+    f = Fleet(2, 2, 2)
+    for _ in range(6):
+        assert f.sched.choose(frozenset({"b0", "b2"})).name == "b1"
+    f.sched.set_admin(f.backends[1], MAINT)
+    assert {f.sched.choose(frozenset({"b0", "b2"})).name for _ in range(20)} == {"b0", "b2"}
+    f.sched.set_admin(f.backends[2], MAINT)
+    assert f.sched.choose(frozenset({"b0"})).name == "b0"   # the only one left
+
+
+def test_choose_skips_an_ejected_backend():
+    f = Fleet(2, 2)
+    b0, b1 = f.backends
+    f.eject(b0)
+    assert all(f.sched.choose() is b1 for _ in range(5))
+
+
+def test_choose_with_nothing_in_rotation_is_none_and_counted():
+    f = Fleet(1, 1)
+    f.sched.set_admin(f.backends[0], MAINT)
+    f.eject(f.backends[1])
+    assert f.sched.choose() is None and f.sched.choose(frozenset({"b0"})) is None
+    assert f.sched.snapshot()["no_backend"] == 2
+
+
 # --- random sequences of events
 
 KINDS = ("arrive",) * 5 + ("finish",) * 4 + ("cancel", "advance", "advance", "admin", "probe")

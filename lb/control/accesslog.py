@@ -14,11 +14,12 @@ def _quote(text: str) -> str:
 
 def line(*, request_id: str, method: bytes, target: bytes, status: int, backend: str,
          bytes_in: int, bytes_out: int, ttfb: float | None, total: float, note: str,
-         tried: Sequence[str] = (), why: Sequence[str] = (), queued: float = 0.0) -> str:
+         tried: Sequence[str] = (), why: Sequence[str] = (), queued: float = 0.0,
+         ended: str = "") -> str:
     """`backend` is the one that answered (or was tried last); with retries,
     `attempts` and `tried` list every backend in order and `why` says what
     went wrong with each failed attempt; `queue_ms` is time spent waiting
-    for a free slot."""
+    for a free slot; `ended` says why a tunnel (status 101) ended."""
     ttfb_ms = "-" if ttfb is None else f"{ttfb * 1000:.1f}"
     text = (f"rid={request_id} method={method.decode('ascii', 'replace')} "
             f"path={_quote(target.decode('ascii', 'replace'))} status={status} "
@@ -30,4 +31,6 @@ def line(*, request_id: str, method: bytes, target: bytes, status: int, backend:
         text += f" attempts={len(tried)} tried={','.join(tried)}"
     if why:
         text += f" why={_quote('; '.join(why))}"
+    if ended:
+        text += f" ended={ended}"
     return f"{text} note={_quote(note)}" if note else text

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING
 
 import orjson
 
-from . import accesslog
 from . import endpoints
 from . import logsetup
 from ..scheduling.backend import Backend
@@ -27,6 +26,8 @@ from ..wire.client import ClientConnection
 from ..wire.framing import Request
 from .config import BackendConfig, Config
 from .fdlimit import FdLimit, connection_cap
+from .request_log import RequestAccounting
+from .tcp_service import TcpListeners
 from ..proxy.latency import FALLBACK_BACKEND, NO_BACKEND_LABEL, OTHER_KIND, LatencyBook
 from ..wire.listener import Listener, open_socket, somaxconn
 from ..scheduling import policy as policies
@@ -34,6 +35,7 @@ from ..wire.pool import UpstreamPool
 from ..scheduling.probe import Prober
 from ..scheduling.retry import RetryBudget
 from ..scheduling.scheduler import Scheduler
+from ..scheduling.wakeup import Wakeup
 from ..wire.upstream import UpstreamConnection
 from ..proxy.exchange import Exchange
 
@@ -51,7 +53,7 @@ AUDIO_BYTES = 256 * 1024 * 1024
 SWEEP_INTERVAL = 1.0     # how often idle pooled connections are expired
 
 
-class Balancer:
+class Balancer(RequestAccounting):
     def __init__(self, config: Config, loop: asyncio.AbstractEventLoop, fd: FdLimit):
         self.config = config
         self.loop = loop
@@ -65,20 +67,22 @@ class Balancer:
         number = os.environ.get(WORKER_ENV, "0")
         self.worker = int(number) if number.isdigit() and len(number) < 5 else 0
         self.policy = policies.make(config.balancer.policy)
+        self._wakeup = Wakeup(loop, lambda: self.scheduler.dispatch())
         self.scheduler = Scheduler(self.backends, self.policy,
                                    queue_limit=config.balancer.queue_limit,
                                    passive=config.passive, clock=time.monotonic,
-                                   wake_at=self._wake_at)
+                                   wake_at=self._wakeup.at)
         self.retry = RetryBudget(config.retry)
         # TTS calls by path, and what the Cartesia fallback needs.
         self.routes = _routes(config)
+        self.slotless = _slotless(config)   # paths whose calls and tunnels take no slot
+        self.tunnels: set[Exchange] = set()  # exchanges switched to a tunnel (a 101)
         self.latency = LatencyBook(*_latency_labels(config))
         self.affinity: ExpiringMap[str] = ExpiringMap(max_items=AFFINITY_ITEMS, ttl=AUDIO_TTL)
         self.audio: ExpiringMap[bytes] = ExpiringMap(max_items=AUDIO_ITEMS, ttl=AUDIO_TTL,
                                                      max_bytes=AUDIO_BYTES, size=len)
         self.fallback = self._make_fallback(config)
         self.fallbacks: Counter[str] = Counter()
-        self._wakeup: asyncio.TimerHandle | None = None
         self._probers: dict[str, Prober] = {}
         self.max_connections, self.cap_note = connection_cap(
             fd.granted, config.pool.max_idle * len(self.backends), limits.max_connections)
@@ -91,6 +95,7 @@ class Balancer:
         self._access = config.log.access
         self.engine = engines.resolve(config.listen.http)   # "auto" -> what runs
         self._request_parser, self._response_parser = engines.parsers(self.engine)
+        self.tcp = TcpListeners(config, loop, self.worker)    # the [[tcp]] listeners
 
     # --- life cycle
 
@@ -124,20 +129,23 @@ class Balancer:
         cap = somaxconn()
         if cap is not None and cap < BACKLOG:
             log.info("listen backlog capped by net.core.somaxconn at %d", cap)
+        self.tcp.start(reuse_port)   # after the HTTP line: tests read its port first
 
     def stop(self) -> None:
         if self.listener is not None:
             self.listener.close()
+        self.tcp.stop()
         if self._sweeper is not None:
             self._sweeper.cancel()
-        if self._wakeup is not None:
-            self._wakeup.cancel()
+        self._wakeup.cancel()
         for prober in self._probers.values():
             prober.stop()
         for backend in self.backends:
             backend.pool.close_all()
         for conn in list(self.connections):
             conn.close()
+        for tunnel in list(self.tunnels):
+            tunnel.close_tunnel()
 
     def _make_backend(self, cfg: BackendConfig) -> Backend:
         config, loop = self.config, self.loop
@@ -172,11 +180,13 @@ class Balancer:
             self.listener.close()
         for conn in list(self.connections):
             conn.drain()
+        self.tcp.drain()
 
     @property
     def in_flight(self) -> int:
-        """Proxied requests under way: queued, at a backend, or with Cartesia."""
-        return self.retry.active
+        """Proxied requests under way (queued, at a backend, with Cartesia,
+        or a tunnel after its 101) and [[tcp]] connections."""
+        return self.retry.active + self.tcp.open
 
     # --- SIGHUP: a new configuration, without dropping anything under way
 
@@ -226,7 +236,9 @@ class Balancer:
         self.scheduler.reconfigure(self.backends, self.policy,
                                    queue_limit=new.balancer.queue_limit, passive=new.passive)
         self.retry.cfg = new.retry
+        self.tcp.reload(new)
         self.routes = _routes(new)
+        self.slotless = _slotless(new)
         self.latency.relabel(*_latency_labels(new))
         if old.cartesia != new.cartesia:
             # Calls already with Cartesia keep the client they started with.
@@ -246,21 +258,6 @@ class Balancer:
         self.affinity.expire()
         self.audio.expire()
         self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
-
-    def _wake_at(self, when: float) -> None:
-        """The scheduler wants to dispatch again at `when` (monotonic seconds):
-        an ejection ends or slow start raises a limit while requests wait."""
-        delay = max(0.0, when - time.monotonic())
-        handle = self._wakeup
-        if handle is not None and not handle.cancelled() and handle.when() <= self.loop.time() + delay:
-            return
-        if handle is not None:
-            handle.cancel()
-        self._wakeup = self.loop.call_later(delay, self._woken)
-
-    def _woken(self) -> None:
-        self._wakeup = None
-        self.scheduler.dispatch()
 
     def affinity_for(self, path: bytes) -> Backend | None:
         """The backend that made the audio file at `path`, if we know one."""
@@ -331,43 +328,6 @@ class Balancer:
         self._count(request, request_id, status, "-", time.monotonic(), reason)
         client.send_error(status, reason, request_id, close=True)
 
-    def request_finished(self, exchange: "Exchange") -> None:
-        """A proxied request ended: counted, timed (the balancer's own
-        endpoints and refused requests are counted, not timed: a scrape every
-        few seconds would swamp the latency of TTS calls), logged."""
-        now = time.monotonic()
-        backend = (exchange.served_by or
-                   (exchange.backend.name if exchange.backend is not None else NO_BACKEND_LABEL))
-        duration = now - exchange.started
-        ttfb, status = exchange.ttfb, exchange.status
-        first_byte = ttfb
-        if ttfb is None and status != 499:
-            # An answer the balancer made itself (a 503, a 502) goes out
-            # whole as the request ends; a client that left first got no byte.
-            first_byte = duration
-        self.latency.observe(backend, exchange.kind or OTHER_KIND, now, duration, first_byte,
-                             # a two-step audio GET never asks the scheduler
-                             exchange.queued_for if exchange.pinned is None else None)
-        self._count(exchange.request, exchange.request_id, status, backend,
-                    exchange.started, exchange.note, bytes_in=exchange.bytes_in,
-                    bytes_out=exchange.bytes_out, ttfb=ttfb, tried=exchange.tried,
-                    why=exchange.why, queued=exchange.queued_for, now=now)
-
-    def _count(self, request: Request | None, request_id: str, status: int, backend: str,
-               started: float, note: str, *, bytes_in: int = 0, bytes_out: int = 0,
-               ttfb: float | None = None, tried: list[str] = (), why: list[str] = (),
-               queued: float = 0.0, now: float | None = None) -> None:
-        self.requests_total += 1
-        self.by_status[status] += 1
-        if self._access:
-            accesslog.logger.info(accesslog.line(
-                request_id=request_id,
-                method=request.method if request is not None else b"-",
-                target=request.target if request is not None else b"-",
-                status=status, backend=backend, bytes_in=bytes_in, bytes_out=bytes_out,
-                ttfb=ttfb, total=(time.monotonic() if now is None else now) - started,
-                note=note, tried=tried, why=why, queued=queued))
-
     # --- reporting
 
     def snapshot(self) -> dict:
@@ -397,6 +357,7 @@ class Balancer:
             "backends": [b.snapshot(now) for b in self.backends],
             "backend_counts": BACKEND_COUNTS,
             "latency": self.latency.snapshot(now),
+            "tcp": self.tcp.snapshot(now),
         }
 
     def fallback_snapshot(self) -> dict:
@@ -412,7 +373,12 @@ class Balancer:
 
 def _routes(config: Config) -> dict[bytes, str]:
     """TTS calls by path: their kind (what the Cartesia fallback translates)."""
-    return {r.path.encode("ascii"): r.kind for r in config.routes}
+    return {r.path.encode("ascii"): r.kind for r in config.routes if r.kind}
+
+
+def _slotless(config: Config) -> frozenset[bytes]:
+    """Paths of `slot = false` routes: not GPU work, no backend slot taken."""
+    return frozenset(r.path.encode("ascii") for r in config.routes if not r.slot)
 
 
 def _latency_labels(config: Config) -> tuple[list[str], list[str]]:
@@ -421,7 +387,7 @@ def _latency_labels(config: Config) -> tuple[list[str], list[str]]:
     backends = [b.name for b in config.backends] + [NO_BACKEND_LABEL]
     if config.cartesia.enabled:
         backends.append(FALLBACK_BACKEND)
-    kinds = sorted({r.kind for r in config.routes}) + [OTHER_KIND]
+    kinds = sorted({r.kind for r in config.routes if r.kind}) + [OTHER_KIND]
     return backends, kinds
 
 

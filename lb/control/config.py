@@ -14,13 +14,15 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 # The types are named here too: this is where the rest of the balancer looks.
 from ..config_model import (Active, Admin, BackendConfig, Balancing, Cartesia,  # noqa: F401
                            Config, ConfigError, Limits, Listen, Log, Passive, Pool, Retry,
                            Route, Timeouts)
 from ..wire import engines
+from .config_tables import checked_keys, NAME, array_of_tables, entry_name
+from .config_tcp import parse_tcp
 from .config_values import (address, backend_url, base_url, boolean, bracket, choice, date,
                             env_name, file_path, fraction, health_path, integer, language,
                             networks, seconds, seconds_or_zero, show, statuses, voices,
@@ -47,6 +49,7 @@ SECTIONS: dict[str, dict[str, tuple[Any, Callable[[Any], Any]]]] = {
         "first_byte": (60.0, seconds),
         "idle": (60.0, seconds),
         "client_body": (30.0, seconds),
+        "tunnel_idle": (300.0, seconds),
     },
     "pool": {
         "max_idle": (32, integer(0)),
@@ -126,12 +129,13 @@ def _engine(choice: str) -> str:
 # Sections written as [a.b] in TOML: a table of tables.
 _PARENTS = sorted({name.split(".", 1)[0] for name in SECTIONS if "." in name})
 
-BACKEND_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+BACKEND_NAME = NAME    # (what --backend names are checked against too)
 
 
 def parse(raw: dict[str, Any]) -> Config:
     """Validate an already-parsed TOML document."""
-    top = {name for name in SECTIONS if "." not in name} | set(_PARENTS) | {"backend", "route"}
+    top = {name for name in SECTIONS if "." not in name} | set(_PARENTS) | {"backend", "route",
+                                                                          "tcp"}
     unknown = sorted(set(raw) - top)
     if unknown:
         raise ConfigError(unknown[0], f"unknown section or key (known: "
@@ -180,6 +184,7 @@ def parse(raw: dict[str, Any]) -> Config:
         cartesia=Cartesia(**cartesia),
         backends=backends,
         routes=_routes(raw.get("route", [])),
+        tcp=parse_tcp(raw.get("tcp"), (host, port)),
         warnings=tuple(warnings),
     )
 
@@ -215,21 +220,6 @@ BACKEND_KEYS: dict[str, Callable[[Any], Any]] = {
 }
 
 
-def _array_of_tables(entries: Any, section: str,
-                     known: tuple[str, ...]) -> Iterator[tuple[str, dict]]:
-    """(`section[i]`, table) for each [[section]] table, after checking the shape."""
-    if not isinstance(entries, list):
-        raise ConfigError(section, f"must be an array of tables ([[{section}]])")
-    for i, entry in enumerate(entries):
-        where = f"{section}[{i}]"
-        if not isinstance(entry, dict):
-            raise ConfigError(where, f"must be a table ([[{section}]])")
-        unknown = sorted(set(entry) - set(known))
-        if unknown:
-            raise ConfigError(f"{where}.{unknown[0]}", f"unknown key (known: {', '.join(known)})")
-        yield where, entry
-
-
 def _backends(entries: Any, max_concurrency: int,
               default_health_path: str) -> tuple[tuple[BackendConfig, ...], list[str]]:
     if entries is None or (isinstance(entries, list) and not entries):
@@ -238,22 +228,11 @@ def _backends(entries: Any, max_concurrency: int,
     seen: set[str] = set()
     urls: dict[str, str] = {}           # url -> the first backend at it
     out, warnings = [], []
-    for where, entry in _array_of_tables(entries, "backend", ("name", "url", *BACKEND_KEYS)):
-        name = entry.get("name")
-        if not isinstance(name, str) or not BACKEND_NAME.fullmatch(name):
-            raise ConfigError(f"{where}.name", "must be 1-64 letters, digits, '.', '_' or '-' "
-                              f"(starting with a letter or digit), got {show(name)}")
-        if name in seen:
-            raise ConfigError(f"{where}.name", f"duplicate backend name {name!r}")
-        seen.add(name)
+    for where, entry in array_of_tables(entries, "backend", ("name", "url", *BACKEND_KEYS)):
+        name = entry_name(entry, where, seen, "backend")
         where = backend_key(name)     # from here on, messages name it by name
-        extra = {"max_concurrency": max_concurrency, "health_path": default_health_path}
-        for key, check in BACKEND_KEYS.items():
-            if key in entry:
-                try:
-                    extra[key] = check(entry[key])
-                except ValueError as exc:
-                    raise ConfigError(f"{where}.{key}", str(exc)) from None
+        extra = {"max_concurrency": max_concurrency, "health_path": default_health_path,
+                 **checked_keys(entry, BACKEND_KEYS, where)}
         try:
             host, port = backend_url(entry.get("url"))
         except ValueError as exc:
@@ -327,10 +306,11 @@ def _not_ourselves(backends: tuple[BackendConfig, ...], host: str, port: int) ->
 
 def _routes(entries: Any) -> tuple[Route, ...]:
     """[[route]] path = "/synthesize-json", kind = "chatterbox": which calls are TTS
-    calls of which kind (those are the ones that can fall back to Cartesia)."""
+    calls of which kind (those are the ones that can fall back to Cartesia);
+    `slot = false`: requests and tunnels on the path hold no backend slot."""
     seen: set[str] = set()
     out = []
-    for where, entry in _array_of_tables(entries, "route", ("path", "kind")):
+    for where, entry in array_of_tables(entries, "route", ("path", "kind", "slot")):
         path = entry.get("path")
         if not isinstance(path, str) or not re.fullmatch(r"/[\x21-\x22\x24-\x3e\x40-\x7e]*",
                                                          path):
@@ -339,9 +319,14 @@ def _routes(entries: Any) -> tuple[Route, ...]:
         if path in seen:
             raise ConfigError(f"{where}.path", f"duplicate route {path!r}")
         seen.add(path)
-        kind = entry.get("kind")
-        if kind not in ROUTE_KINDS:
+        # kind may be left out only by a route that exists for its slot.
+        kind = entry.get("kind", "")
+        if kind not in ROUTE_KINDS and ("kind" in entry or "slot" not in entry):
             raise ConfigError(f"{where}.kind", f"must be one of {', '.join(ROUTE_KINDS)}, "
-                              f"got {show(kind)}")
-        out.append(Route(path=path, kind=kind))
+                              f"got {show(entry.get('kind'))}")
+        try:
+            slot = boolean(entry.get("slot", True))
+        except ValueError as exc:
+            raise ConfigError(f"{where}.slot", str(exc)) from None
+        out.append(Route(path=path, kind=kind, slot=slot))
     return tuple(out)

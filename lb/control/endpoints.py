@@ -18,7 +18,7 @@ import orjson
 from ..wire import headers as hdr
 from ..wire.framing import Request
 from .. import __version__
-from . import stats_page
+from . import stats_page, tcp_service
 from ..tts.cartesia import OUTCOMES
 from ..proxy.phases import FALLBACK_REASONS
 from ..scheduling.health import ADMIN_STATES
@@ -155,14 +155,31 @@ def metrics(balancer: "Balancer", request: Request, peer: str) -> tuple[int, byt
     family("backend_failures_total", "counter", "Backend failures by kind.",
            [(f'{{backend="{b["name"]}",kind="{kind}"}}', n)
             for b in backends for kind, n in b["failures"].items()])
-    family("backend_sent_bytes_total", "counter", "Request body bytes sent to the backend.",
+    family("backend_sent_bytes_total", "counter",
+           "Request body bytes sent to the backend (tunnels' bytes included).",
            per_backend("bytes_sent"))
-    family("backend_received_bytes_total", "counter", "Response body bytes from the backend.",
+    family("backend_received_bytes_total", "counter",
+           "Response body bytes from the backend (tunnels' bytes included).",
            per_backend("bytes_received"))
+
+    def per_tunnel(key: str) -> list[tuple[str, float]]:
+        return [(f'{{backend="{b["name"]}"}}', b["tunnels"][key]) for b in backends]
+
+    family("backend_tunnels_open", "gauge", "Tunnels (after a 101) open to the backend now.",
+           per_tunnel("open"))
+    family("backend_tunnels_total", "counter", "Tunnels opened to the backend.",
+           per_tunnel("total"))
+    family("backend_tunnel_bytes_total", "counter", "Bytes through the backend's tunnels.",
+           [(f'{{backend="{b["name"]}",direction="{way}"}}', b["tunnels"]["bytes_" + way])
+            for b in backends for way in ("to_backend", "to_client")])
+    family("backend_handshakes_refused_total", "counter",
+           "Upgrade requests the backend answered with anything but a 101.",
+           per_tunnel("refused"))
     family("backend_pool_idle", "gauge", "Idle pooled connections.",
            [(f'{{backend="{b["name"]}"}}', b["pool"]["idle"]) for b in backends])
     for metric, name, help_text in LATENCY_FAMILIES:
         _histogram(out, name, help_text, metric, balancer.latency)
+    tcp_service.metrics(family, stats["tcp"])
     return 200, b"text/plain; version=0.0.4; charset=utf-8", ("\n".join(out) + "\n").encode()
 
 

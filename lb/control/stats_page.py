@@ -48,9 +48,11 @@ def _backends(stats: dict) -> str:
             f"<span style='color:{colour}'><b>{_e(b['state'].upper())}</b></span>",
             f"{_e(b['in_flight'])} / {_e(b['limit_now'])}", _e(b["peak_in_flight"]),
             _e(b["requests"]), _e(responses["2xx"]), _e(responses["4xx"]),
-            _e(responses["5xx"]), _e(b["no_response"]), _e(b["errors"]), _e(last)])
+            _e(responses["5xx"]), _e(b["no_response"]), _e(b["errors"]),
+            f"{_e(b['tunnels']['open'])} ({_e(b['tunnels']['total'])})", _e(last)])
     return _table(["backend", "url", "state", "active requests / limit", "peak", "requests",
-                   "2xx", "4xx", "5xx", "no response", "errors", "last error"], rows)
+                   "2xx", "4xx", "5xx", "no response", "errors", "tunnels open (all)",
+                   "last error"], rows)
 
 
 def _latency(stats: dict) -> str:
@@ -97,6 +99,23 @@ def _retries(stats: dict) -> str:
                if rows else "<p>no retried request yet</p>"))
 
 
+def _tcp(stats: dict) -> str:
+    out = []
+    for t in stats.get("tcp", ()):
+        rows = [[_e(b["name"]), _e(b["address"]),
+                 f"<span style='color:{_STATE_COLOURS.get(b['state'], '#c22')}'>"
+                 f"<b>{_e(b['state'].upper())}</b></span>",
+                 f"{_e(b['open'])} / {_e(b['max_connections'] or '-')}", _e(b["total"]),
+                 _e(b["connect_failures"]), _e(b["bytes_to_backend"]), _e(b["bytes_to_client"])]
+                for b in t["backends"]]
+        out.append(f"<h2>TCP {_e(t['name'])} on {_e(t['address'])}</h2>"
+                   f"<p>{_e(t['accepted'])} accepted &middot; {_e(t['open'])} open &middot; "
+                   f"queue {_e(t['queue']['length'])} &middot; policy {_e(t['policy'])}</p>"
+                   + _table(["backend", "address", "state", "open / limit", "total",
+                             "connect failures", "bytes to backend", "bytes to client"], rows))
+    return "".join(out)
+
+
 def render(stats: dict) -> str:
     conns, queue = stats["connections"], stats["queue"]
     return (
@@ -109,5 +128,5 @@ def render(stats: dict) -> str:
         f"{_e(stats['requests']['total'])} requests</p>"
         f"<p>policy {_e(stats['policy'])} &middot; queue {_e(queue['length'])} of "
         f"{_e(queue['limit'])} &middot; retries {_e(stats['retry']['retries'])}</p>"
-        + _backends(stats) + _latency(stats) + _fallback(stats) + _retries(stats)
+        + _backends(stats) + _tcp(stats) + _latency(stats) + _fallback(stats) + _retries(stats)
         + "</body></html>")

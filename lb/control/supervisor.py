@@ -44,6 +44,8 @@ def supervise(config: Config, workers: int, run_worker: Callable[[Config], int],
         reserve = _reserve_port(config.listen.host)
         port = reserve.getsockname()[1]
         config = dataclasses.replace(config, listen=dataclasses.replace(config.listen, port=port))
+    tcp_ports: dict[str, socket.socket] = {}     # [[tcp]] name -> the port held for it
+    config = _fixed_tcp_ports(config, tcp_ports)
     children: dict[int, tuple[int, float]] = {}    # pid -> (worker number, started)
     state = {"stopping": False, "config": config}
     port = config.listen.port
@@ -61,8 +63,9 @@ def supervise(config: Config, workers: int, run_worker: Callable[[Config], int],
                     signal.signal(sig, signal.SIG_DFL)
                 _die_with_parent()
                 os.environ[WORKER_ENV] = str(number)
-                if reserve is not None:
-                    reserve.close()
+                for held in [reserve, *tcp_ports.values()]:
+                    if held is not None:
+                        held.close()
                 code = run_worker(state["config"])
             except BaseException:
                 traceback.print_exc()
@@ -80,7 +83,7 @@ def supervise(config: Config, workers: int, run_worker: Callable[[Config], int],
                 if new.listen.port != port:   # the port is fixed for the workers' life
                     new = dataclasses.replace(new, listen=dataclasses.replace(new.listen,
                                                                                port=port))
-                state["config"] = new
+                state["config"] = _fixed_tcp_ports(new, tcp_ports)
         if sig in (signal.SIGTERM, signal.SIGINT):
             if state["stopping"] and sig == signal.SIGINT:
                 return   # Ctrl-C reaches the workers too (same process group)
@@ -115,8 +118,9 @@ def supervise(config: Config, workers: int, run_worker: Callable[[Config], int],
             time.sleep(RESTART_PAUSE)   # do not spin on a worker that cannot start
         if not state["stopping"]:
             spawn(number)
-    if reserve is not None:
-        reserve.close()
+    for held in [reserve, *tcp_ports.values()]:
+        if held is not None:
+            held.close()
     log.info("supervisor: all workers stopped")
     return 1 if failed else 0
 
@@ -131,9 +135,27 @@ def _die_with_parent() -> None:
         pass
 
 
+def _fixed_tcp_ports(config: Config, held: dict[str, socket.socket]) -> Config:
+    """[[tcp]] listeners on port 0 get one port for every worker, as the
+    HTTP listener does: held (in `held`, by listener name) for the
+    supervisor's life, so a reload keeps a listener on the port it has."""
+    listeners = []
+    for listener in config.tcp:
+        if listener.port == 0:
+            sock = held.get(listener.name)
+            if sock is None or sock.family != _family(listener.host):
+                sock = held[listener.name] = _reserve_port(listener.host)
+            listener = dataclasses.replace(listener, port=sock.getsockname()[1])
+        listeners.append(listener)
+    return dataclasses.replace(config, tcp=tuple(listeners))
+
+
+def _family(host: str) -> int:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
 def _reserve_port(host: str) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(_family(host), socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, 0))
     return sock

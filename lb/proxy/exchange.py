@@ -9,23 +9,8 @@ is above its high-water mark.  The one other copy is `_kept`: the request
 body so far, for a resend, held until the response head arrives and dropped
 for good once it passes `retry.replay_max_bytes`.
 
-One `Deadline` watches the whole exchange; what it means depends on the phase:
-
-    BUFFERING  a body of up to `retry.replay_max_bytes` arriving, before
-               any slot is taken (a slow sender holds no GPU)
-                                             -> `timeouts.idle` of silence
-    QUEUED     waiting for a slot            -> `balancer.queue_timeout`, then 503
-    SENDING    request body still coming     -> `timeouts.idle` of silence
-    WAITING    request sent, no response yet -> `timeouts.first_byte`
-    RECEIVING  response body streaming       -> `timeouts.idle` of silence
-    BACKOFF    between two attempts          -> the jittered back-off
-    FALLBACK   handed to Cartesia            -> `timeouts.idle` while the body
-                                                still comes, then the fallback's
-                                                own `fallback.cartesia.timeout`
-
-(connecting is bounded by `timeouts.connect` in the pool).  A second
-deadline, `timeouts.client_body`, bounds the whole request body from its
-head on, whatever the phase: past it, 408.
+One `Deadline` watches the whole exchange; what it means depends on the
+phase (see `phases`).
 
 The commit point: until the response head has gone to the client, a failed
 attempt is retried on another backend when the failure is one worth retrying
@@ -57,6 +42,7 @@ from .phases import (BACKOFF, BUFFERING, CONNECT_BACKSTOP, CONNECTING, DONE, FAL
                      QUEUE_TIMEOUT, QUEUED, RECEIVING, SENDING, WAITING)
 from .recovery import Recovery
 from .streaming import Streaming
+from .tunnel import Tunnelling
 
 log = logging.getLogger("lb")
 
@@ -68,7 +54,7 @@ if TYPE_CHECKING:
     from ..wire.upstream import UpstreamConnection
 
 
-class Exchange(Streaming, Recovery):
+class Exchange(Streaming, Recovery, Tunnelling):
     __slots__ = ("balancer", "client", "request", "request_id", "started", "phase",
                  "backend", "upstream", "_pending", "_pending_bytes", "_request_ended",
                  "_kept", "_kept_bytes", "info", "_deadline", "_connect_task",
@@ -77,7 +63,7 @@ class Exchange(Streaming, Recovery):
                  "ticket", "queued_for", "tried", "why", "_holding",
                  "_retrying", "_replay_failure", "kind", "pinned", "_fallback_task",
                  "fallback_reason", "served_by", "_drained", "_peek", "_fallback", "_open",
-                 "_body_deadline", "_trailers")
+                 "_body_deadline", "_trailers", "splice", "ended")
     keeps_time = True       # (for the client connection: the exchange bounds itself)
 
     def __init__(self, balancer: "Balancer", client: "ClientConnection", request: Request):
@@ -117,7 +103,8 @@ class Exchange(Streaming, Recovery):
         self.note = ""                        # why it failed, for the access log
         self.response_started = False
         path = request.path
-        self.kind = balancer.routes.get(path)  # a TTS call of this kind: may fall back
+        # A TTS call of this kind may fall back to Cartesia; an upgrade never does.
+        self.kind = None if request.upgrade else balancer.routes.get(path)
         self.pinned = balancer.affinity_for(path)   # the backend holding this audio file
         self._fallback_task: asyncio.Task | None = None
         self.fallback_reason = ""             # why the fleet could not serve it
@@ -125,6 +112,8 @@ class Exchange(Streaming, Recovery):
         self._drained: asyncio.Future | None = None
         self._peek: bytearray | None = None   # a two-step JSON answer, read for audio_url
         self._fallback = None                 # the Fallback this call was handed to
+        self.splice = None                    # the tunnel after a 101 (see tunnel)
+        self.ended = ""                       # why that tunnel ended, for the access log
 
     # --- getting a slot
 
@@ -153,6 +142,9 @@ class Exchange(Streaming, Recovery):
         self._acquire()
 
     def _acquire(self) -> None:
+        if self.request.path in self.balancer.slotless:
+            self._choose_slotless()     # a `slot = false` route (see tunnel)
+            return
         scheduler = self.balancer.scheduler
         tried = self.tried
         result = scheduler.acquire(self, frozenset(tried) if tried else _NOTHING_TRIED,
@@ -224,8 +216,10 @@ class Exchange(Streaming, Recovery):
             hdr.to_backend(request.headers, client_ip=self.client.peer_ip,
                            request_id=self.request_id, chunked=request.chunked,
                            default_host=backend.host_header,
-                           listed=request.connection_tokens, trailers=request.trailers_ok))
-        conn = backend.pool.acquire()
+                           listed=request.connection_tokens, trailers=request.trailers_ok,
+                           upgrade=request.upgrade))
+        # An upgrade gets a connection of its own: a 101 makes it the tunnel's.
+        conn = None if request.upgrade else backend.pool.acquire()
         if conn is not None:
             self._attach(conn, reused=True)
         else:
@@ -266,7 +260,9 @@ class Exchange(Streaming, Recovery):
         conn.owner = self
         self._race_ok = reused
         self._sent_at = time.monotonic()
-        conn.start(self, self.request.method, self._upstream_request, self.request.chunked)
+        request = self.request
+        conn.start(self, request.method, self._upstream_request, request.chunked,
+                   bool(request.upgrade))
         if self._replaying:
             # The whole body so far; `_pending` is its tail, so it goes too.
             self._replaying = False

@@ -1,14 +1,33 @@
-"""The phases of a proxied request's life, and why calls went to Cartesia.
+"""The phases of a proxied request's life, and why calls went to Cartesia
+(shared by `exchange` and its mixins).
 
-(Shared by `exchange` and `recovery`; see exchange's docstring for what
-each phase's deadline means.)
+An exchange's one `Deadline`; what it means depends on the phase:
+
+    BUFFERING  a body of up to `retry.replay_max_bytes` arriving, before
+               any slot is taken (a slow sender holds no GPU)
+                                             -> `timeouts.idle` of silence
+    QUEUED     waiting for a slot            -> `balancer.queue_timeout`, then 503
+    SENDING    request body still coming     -> `timeouts.idle` of silence
+    WAITING    request sent, no response yet -> `timeouts.first_byte`
+    RECEIVING  response body streaming       -> `timeouts.idle` of silence
+    BACKOFF    between two attempts          -> the jittered back-off
+    FALLBACK   handed to Cartesia            -> `timeouts.idle` while the body
+                                                still comes, then the fallback's
+                                                own `fallback.cartesia.timeout`
+    TUNNEL     switched protocols (a 101)    -> none here: the tunnel's own
+                                                `timeouts.tunnel_idle` (see `tunnel`)
+
+(connecting is bounded by `timeouts.connect` in the pool).  A second
+deadline, `timeouts.client_body`, bounds the whole request body from its
+head on, whatever the phase: past it, 408.
 """
 
 from __future__ import annotations
 
 from ..scheduling.scheduler import NO_BACKEND, QUEUE_FULL
 
-QUEUED, CONNECTING, SENDING, WAITING, RECEIVING, BACKOFF, FALLBACK, DONE, BUFFERING = range(9)
+QUEUED, CONNECTING, SENDING, WAITING, RECEIVING, BACKOFF, FALLBACK, DONE, BUFFERING, TUNNEL = \
+    range(10)
 
 # A backend's JSON answer to a two-step call is read (up to this much) for
 # its audio_url, so the follow-up GET goes to the backend that has the file.

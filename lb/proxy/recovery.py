@@ -49,6 +49,11 @@ class Recovery:
         retry = self.balancer.retry
         if len(self.tried) >= retry.cfg.attempts or self.pinned is not None:
             return False
+        if self.request.upgrade and self._sent_at:
+            # The backend may have acted on it (a session opened): an upgrade
+            # is retried only when it never went out (a connect failure).
+            self.why.append("not retried: an upgrade request is never sent twice")
+            return False
         if self._kept is None:
             retry.denied[DENIED_BODY_TOO_LARGE] += 1
             self.why.append(f"not retried: request body over retry.replay_max_bytes "

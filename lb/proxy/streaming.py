@@ -120,6 +120,11 @@ class Streaming:
     def upstream_response(self, response: Response) -> None:
         backend = self.backend
         status = response.status
+        if self.request.upgrade:
+            if status == 101:
+                self._switch(response)      # a tunnel from here on (see tunnel)
+                return
+            backend.handshakes_refused += 1   # an ordinary answer, then
         self._open = False
         backend.record_response(status)
         config = self.balancer.config

@@ -49,8 +49,16 @@ class Backend:
         self.under_way = 0          # attempts not ended yet (unlike in_flight, GETs too)
         self.failures = dict.fromkeys(FAILURE_KINDS, 0)
         self.last_error: tuple[float, str] | None = None
-        self.bytes_sent = 0         # request bodies forwarded to the backend
-        self.bytes_received = 0     # response bodies received from it
+        self.bytes_sent = 0         # request bodies (and tunnel bytes) forwarded to the backend
+        self.bytes_received = 0     # response bodies (and tunnel bytes) received from it
+        # Tunnels (after a 101): the splices open now, opened in all, the bytes
+        # each way of those ended; and upgrade requests the backend answered
+        # with anything but a 101.
+        self.open_tunnels: set = set()
+        self.tunnels_total = 0
+        self.tunnel_bytes_to_backend = 0
+        self.tunnel_bytes_to_client = 0
+        self.handshakes_refused = 0
 
     def reconfigure(self, cfg: BackendConfig, *, passive: Passive, active: Active,
                     slow_start: float) -> None:
@@ -125,5 +133,11 @@ class Backend:
             },
             "bytes_sent": self.bytes_sent,
             "bytes_received": self.bytes_received,
+            "tunnels": {"open": len(self.open_tunnels), "total": self.tunnels_total,
+                        "refused": self.handshakes_refused,
+                        "bytes_to_backend": self.tunnel_bytes_to_backend + sum(
+                            t.bytes_to_backend for t in self.open_tunnels),
+                        "bytes_to_client": self.tunnel_bytes_to_client + sum(
+                            t.bytes_to_client for t in self.open_tunnels)},
             "pool": self.pool.snapshot(),
         }

@@ -131,11 +131,15 @@ class Prober:
         rng = random.Random()
         while True:
             if backend.health.admin != MAINT:
-                ok, reason, no_answer = await probe_once(backend, cfg.timeout)
+                ok, reason, no_answer = await self.probe()
                 self.scheduler.probed(backend, ok, reason, no_answer=no_answer,
                                       first_byte=self.first_byte)
             # A little spread so the probes of a fleet do not go out in step.
             await asyncio.sleep(cfg.interval * (0.9 + 0.2 * rng.random()))
+
+    async def probe(self) -> tuple[bool, str, bool]:
+        """One probe: (ready?, why, no_answer); a [[tcp]] listener's checks override it."""
+        return await probe_once(self.backend, self.cfg.timeout)
 
     def stop(self) -> None:
         self._task.cancel()

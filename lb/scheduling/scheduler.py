@@ -121,6 +121,17 @@ class Scheduler:
         self._schedule_wakeup(now)
         return ticket
 
+    def choose(self, exclude: frozenset[str] = frozenset()) -> Backend | None:
+        """A backend for work that takes no slot (a `slot = false` route): the
+        policy's pick among those in the rotation, whatever their limits;
+        None (counted as no_backend) if none is."""
+        rotation = self._rotation(self.clock())
+        if not rotation:
+            self.no_backend += 1
+            return None
+        pool = [b for b in rotation if b.name not in exclude] or rotation
+        return self.policy.pick(pool)
+
     def release(self, backend: Backend) -> None:
         """A request let go of `backend` (finished, failed or abandoned)."""
         backend.in_flight -= 1

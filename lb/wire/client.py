@@ -315,6 +315,21 @@ class ClientConnection(CoalescedWrites, asyncio.Protocol):
             return
         self.close()
 
+    def switch_protocols(self, headers: list) -> tuple[asyncio.Transport, bytes]:
+        """Write a 101; the transport and the bytes behind the request are
+        a tunnel's from here on (which reports its end: tunnel_closed)."""
+        self._write([serialize.response_head(101, b"Switching Protocols", headers)])
+        self._flush()
+        self._closed = True
+        self._deadline.cancel()
+        self.exchange = None
+        self._read_block = 0
+        return self.transport, self.parser.detach()
+
+    def tunnel_closed(self) -> None:
+        """The tunnel this connection became is closed for good."""
+        self.app.connection_closed(self)
+
     def drain(self) -> None:
         """The balancer is shutting down: close now if between requests, else
         after the response under way (send_response marks it Connection: close)."""

@@ -38,7 +38,8 @@ _NAMES = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+(?::[!#$%&'*+\-.^_`|~0-9A-Za-
 # The request fields framing reads; every other one is passed over.
 _REQUEST_FIELDS = frozenset({b"host", b"content-length", b"transfer-encoding", b"connection",
                              b"upgrade", b"expect", b"te", b"x-request-id"})
-_RESPONSE_FIELDS = frozenset({b"content-length", b"transfer-encoding", b"connection"})
+_RESPONSE_FIELDS = frozenset({b"content-length", b"transfer-encoding", b"connection",
+                              b"upgrade"})
 # Host: uri-host [ ":" port ] (RFC 9110 §7.2): a reg-name, an IPv4 address or
 # a bracketed IPv6 literal.  No userinfo, no path, no spaces.
 _HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?")
@@ -86,7 +87,7 @@ class Request:
     """A request head the balancer accepted, with its framing settled."""
     __slots__ = ("method", "target", "version", "headers", "request_id", "content_length",
                  "chunked", "keep_alive", "expect_continue", "host", "head_size",
-                 "connection_tokens", "trailers_ok", "path")
+                 "connection_tokens", "trailers_ok", "path", "upgrade")
 
     def __init__(self, method: bytes, target: bytes, version: bytes, headers: list):
         self.method = method
@@ -103,6 +104,7 @@ class Request:
         self.connection_tokens: frozenset = _NONE
         self.trailers_ok = False        # the client sent TE: trailers
         self.path = target
+        self.upgrade = b""              # Upgrade's value, when the client asks to switch
 
     @property
     def has_body(self) -> bool:
@@ -112,7 +114,7 @@ class Request:
 class Response:
     """A backend's response head, with its framing settled."""
     __slots__ = ("status", "reason", "version", "headers", "content_length", "chunked",
-                 "keep_alive", "until_close", "connection_tokens")
+                 "keep_alive", "until_close", "connection_tokens", "upgrade")
 
     def __init__(self, status: int, reason: bytes, version: bytes, headers: list):
         self.status = status
@@ -124,6 +126,7 @@ class Response:
         self.keep_alive = True
         self.until_close = False        # the body ends when the backend closes
         self.connection_tokens: frozenset = _NONE
+        self.upgrade = b""              # a 101's Upgrade: the connection is a tunnel now
 
 
 def _tokens(value: bytes) -> list[bytes]:
@@ -174,7 +177,7 @@ def check_request(method: bytes, target: bytes, version: bytes, headers: list,
                                f"{bad.decode('ascii')} (obs-fold, NUL, CR or LF)")
     host = rid = None
     hosts = lengths = 0
-    upgrade = False
+    upgrade = None
     codings: list[bytes] | None = None
     tokens: list[bytes] = []
     for name, value in headers:
@@ -195,7 +198,11 @@ def check_request(method: bytes, target: bytes, version: bytes, headers: list,
         elif name == b"connection":
             tokens += _tokens(value)
         elif name == b"upgrade":
-            upgrade = True
+            value = value.strip()
+            if upgrade is None:
+                upgrade = value
+            elif value:
+                upgrade = upgrade + b", " + value if upgrade else value
         elif name == b"expect":
             request.expect_continue = value.strip().lower() == b"100-continue"
         elif name == b"te":
@@ -219,11 +226,14 @@ def check_request(method: bytes, target: bytes, version: bytes, headers: list,
         request.expect_continue = False
     elif b"close" in tokens:
         request.keep_alive = False
-    if upgrade and b"upgrade" in tokens and request.has_body:
-        # The upgrade is not taken (the request goes on as an ordinary one),
-        # but llhttp would read no body after such a head: refused, so no
-        # engine can take a body for the next request.
-        raise Refused(400, "malformed request: an Upgrade request with a body")
+    if upgrade is not None and b"upgrade" in tokens:
+        if request.has_body:
+            # llhttp reads no body after such a head, and what follows a
+            # switch is the new protocol's: refused, so no engine can take
+            # a body for the next request.
+            raise Refused(400, "malformed request: an Upgrade request with a body")
+        if upgrade and version == b"1.1":
+            request.upgrade = upgrade   # asks to switch (a WebSocket, say)
     if hosts > 1:
         raise Refused(400, "malformed request: more than one Host header")
     if host is not None and not _HOST.fullmatch(host):
@@ -294,7 +304,9 @@ def check_response(status: int, reason: bytes, version: bytes, headers: list,
     for name, value in headers:
         if name not in _RESPONSE_FIELDS:
             continue
-        if name == b"content-length":
+        if name == b"upgrade":
+            response.upgrade = value.strip()
+        elif name == b"content-length":
             value = value.strip()
             if length is not None and value != length:
                 raise Refused(502, "backend sent differing Content-Lengths")
@@ -311,6 +323,16 @@ def check_response(status: int, reason: bytes, version: bytes, headers: list,
         elif b"keep-alive" in tokens and version == b"1.0":
             keep_alive = True
     response.keep_alive = keep_alive
+    if status == 101:
+        # RFC 9110 §15.2.2, §7.8: a switch names the protocol and lists
+        # upgrade in Connection; without them where the tunnel starts is
+        # anyone's guess.
+        if not response.upgrade or b"upgrade" not in (tokens or ()):
+            raise Refused(502, "backend answered 101 without Upgrade and Connection: upgrade")
+        response.content_length = 0
+        response.keep_alive = False
+        return response
+    response.upgrade = b""
     if request_method == b"HEAD" or status in NO_BODY_STATUSES or status < 200:
         response.content_length = 0
         # HEAD answers are not kept: one engine cannot be told that a

@@ -19,6 +19,8 @@ _Data = h11.Data
 _EndOfMessage = h11.EndOfMessage
 _InformationalResponse = h11.InformationalResponse
 _NEED_DATA = h11.NEED_DATA
+# The request h11 is told of when a 101 may answer it.
+_SWITCH_HEADERS = [(b"host", b"x"), (b"connection", b"upgrade"), (b"upgrade", b"x")]
 
 
 def _pairs(headers) -> list:
@@ -71,6 +73,12 @@ class RequestParser:
 
     def buffered(self) -> int:
         return len(self._conn.trailing_data[0])
+
+    def detach(self) -> bytes:
+        """The connection switched protocols after the current request: the
+        bytes that followed it, unparsed; nothing more is parsed."""
+        self._failed = True
+        return bytes(self._conn.trailing_data[0])
 
     def head_pending(self) -> bool:
         """Part of a request head has arrived, not all of it."""
@@ -141,7 +149,7 @@ class RequestParser:
 
 
 class ResponseParser:
-    __slots__ = ("_sink", "_limit", "_conn", "_done", "_head_seen")
+    __slots__ = ("_sink", "_limit", "_conn", "_done", "_head_seen", "_upgrade")
 
     def __init__(self, sink, max_head: int):
         self._sink = sink
@@ -149,12 +157,19 @@ class ResponseParser:
         self._conn: h11.Connection | None = None
         self._done = True
         self._head_seen = False
+        self._upgrade = False
 
-    def expect(self, method: bytes) -> None:
+    def expect(self, method: bytes, upgrade: bool = False) -> None:
         """A request went out: parse its response.  h11 is told the request
-        (it needs the method: a HEAD answer has no body) without writing it."""
+        (it needs the method: a HEAD answer has no body; and whether a 101
+        may come) without writing it."""
         conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=self._limit)
-        conn.send(_Request(method=method, target=b"/", headers=[(b"host", b"x")]))
+        if upgrade:
+            conn.send(_Request(method=method, target=b"/", headers=_SWITCH_HEADERS))
+            conn.send(h11.EndOfMessage())
+        else:
+            conn.send(_Request(method=method, target=b"/", headers=[(b"host", b"x")]))
+        self._upgrade = upgrade
         self._conn = conn
         self._done = False
         self._head_seen = False
@@ -169,6 +184,10 @@ class ResponseParser:
         """Bytes after the end of the response (which the next request would
         read as its answer)."""
         return self._conn is not None and bool(self._conn.trailing_data[0])
+
+    def detach(self) -> bytes:
+        """After a 101: the bytes that came behind it."""
+        return bytes(self._conn.trailing_data[0])
 
     def _run(self) -> None:
         conn, sink = self._conn, self._sink
@@ -197,6 +216,13 @@ class ResponseParser:
                 sink.on_end(_pairs(event.headers))
                 return
             elif kind is _InformationalResponse:
+                if event.status_code == 101 and self._upgrade:
+                    self._done = True
+                    headers = _pairs(event.headers)
+                    sink.on_head(101, event.reason, event.http_version, headers,
+                                 _head_size(len(event.reason) + 15, headers,
+                                            RESPONSE_FIELD_BYTES))
+                    return
                 continue    # 100 Continue / 103: the balancer answers Expect itself
             else:           # ConnectionClosed before a response: the sink sees the loss
                 self._done = True

@@ -44,14 +44,15 @@ def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[byte
 
 def to_backend(headers: Headers, *, client_ip: str, request_id: str,
                chunked: bool, default_host: bytes = b"", listed: frozenset | None = None,
-               trailers: bool = False) -> Headers:
+               trailers: bool = False, upgrade: bytes = b"") -> Headers:
     """Headers for the request we send upstream.
 
     The client's Host is passed through (as HAProxy does); a request without
     one (HTTP/1.0) gets `default_host`, since HTTP/1.1 requires it.  `listed`
     are the Connection header's tokens, when the framing pass has them;
     `trailers`: the client sent TE: trailers, which the balancer passes on
-    (it carries trailers through).
+    (it carries trailers through).  `upgrade`: the client asks to switch
+    protocols (a WebSocket): Upgrade and Connection: upgrade go with it.
     """
     listed = _connection_tokens(headers) if listed is None else listed - _NOT_LISTABLE
     out: Headers = []
@@ -80,6 +81,9 @@ def to_backend(headers: Headers, *, client_ip: str, request_id: str,
     out.append((b"x-request-id", request_id.encode("ascii")))
     if trailers:
         out.append((b"te", b"trailers"))
+    if upgrade:
+        out.append((b"connection", b"upgrade"))
+        out.append((b"upgrade", upgrade))
     if chunked:
         out.append((b"transfer-encoding", b"chunked"))
     return out
@@ -106,6 +110,15 @@ def to_client(headers: Headers, *, request_id: str, listed: frozenset | None = N
             continue
         out.append(pair)
     out.append((b"x-request-id", request_id.encode("ascii")))
+    return out
+
+
+def switching(headers: Headers, *, request_id: str, upgrade: bytes) -> Headers:
+    """Headers of a 101 to the client: the backend's, with the switch
+    itself (Upgrade, Connection: upgrade) said again, as hop-by-hop as ever."""
+    out = to_client(headers, request_id=request_id, chunked=False)
+    out.append((b"connection", b"upgrade"))
+    out.append((b"upgrade", upgrade))
     return out
 
 

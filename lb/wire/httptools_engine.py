@@ -72,8 +72,8 @@ class _Fields:
 
 
 class RequestParser(_Fields):
-    __slots__ = ("_sink", "_parser", "_url",
-                 "_held", "_queue", "_queued_bytes", "_failed", "_replaying", "_scanner")
+    __slots__ = ("_sink", "_parser", "_url", "_held", "_queue", "_queued_bytes", "_failed",
+                 "_replaying", "_scanner", "_switch", "_raw", "_in_message")
 
     def __init__(self, sink, max_head: int):
         self._sink = sink
@@ -89,16 +89,28 @@ class RequestParser(_Fields):
         self._queued_bytes = 0
         self._failed = False
         self._replaying = False
+        self._switch = False        # llhttp stopped after an upgrade head: what
+        self._raw = bytearray()     # follows waits here, unparsed, for the answer
+        self._in_message = False    # llhttp is inside a request (head or body)
 
     # --- fed by the connection
 
     def feed(self, data: bytes) -> None:
+        if self._switch:
+            self._raw += data
+            return
         if not self._held and not self._failed:
             # A head that starts here is checked raw, as with h11.  (Pipelined
             # heads behind a request still being answered are llhttp's alone:
             # it parses them in one go; it is strict on every rule HeadScanner
             # checks, which tests/test_framing_corpus.py holds it to.)
             scanner = self._scanner
+            if scanner.done and not self._in_message:
+                # llhttp is between requests: a new head starts in this read.
+                # (Decided here, not when the last answer went out: that may
+                # happen inside llhttp's callbacks, in the middle of a read
+                # whose rest is already the next head, or a body.)
+                scanner.reset()
             if not scanner.done:
                 try:
                     scanner.feed(data)
@@ -110,12 +122,19 @@ class RequestParser(_Fields):
                 self._parser.feed_data(data)
                 return
             except _Upgrade as exc:
-                # Connection: upgrade or CONNECT: llhttp stops after the head.
-                # Upgrades are not carried (yet): what follows is read as the
-                # next request, as h11 does after a refused upgrade.
+                # Connection: upgrade: llhttp stops after the head.  What
+                # follows is the new protocol's if the backend switches
+                # (detach), else the next request (next_message).
                 at = exc.args[0] if exc.args and isinstance(exc.args[0], int) else len(data)
-                data = data[at:]
-                self._parser = _request_parser(self)
+                if not self._held:
+                    # Answered already, inside on_end (a built-in endpoint):
+                    # no switch, so what follows is the next request.
+                    self._restart()
+                    data = data[at:]
+                    continue
+                self._switch = True
+                self._raw += data[at:]
+                return
             except _ParserError as exc:
                 _reraise_ours(exc)
                 message = str(exc)
@@ -123,7 +142,16 @@ class RequestParser(_Fields):
 
     def buffered(self) -> int:
         # (a head llhttp is still reading counts too: it is held in its state)
-        return self._queued_bytes + (self._size if self._in_head and self._held else 0)
+        return (self._queued_bytes + len(self._raw)
+                + (self._size if self._in_head and self._held else 0))
+
+    def detach(self) -> bytes:
+        """The connection switched protocols after the current request: the
+        bytes that followed it, unparsed; nothing more is parsed."""
+        self._failed = True
+        self._queue.clear()
+        rest, self._raw = bytes(self._raw), bytearray()
+        return rest
 
     def head_pending(self) -> bool:
         """Part of a request head has arrived, not all of it."""
@@ -131,6 +159,15 @@ class RequestParser(_Fields):
 
     def next_message(self) -> None:
         self._held = False
+        if self._switch and not self._queue:
+            # The upgrade was answered without a switch: what followed it
+            # is read as the next request, as h11 does.
+            self._switch = False
+            rest, self._raw = bytes(self._raw), bytearray()
+            self._restart()
+            if rest:
+                self.feed(rest)
+            return
         if self._replaying:
             return      # called from inside a replayed on_end: the loop goes on
         self._replaying = True
@@ -144,10 +181,15 @@ class RequestParser(_Fields):
                 call(*args)
         finally:
             self._replaying = False
-        if queue or self._in_head:
-            self._scanner.done = True   # a pipelined head: llhttp has it already
-        else:
-            self._scanner.reset()       # the next head starts in a later read
+        # (what is not replayed yet, or is inside llhttp, llhttp has read
+        # already; the scanner takes the next head that starts in a read: feed)
+        self._scanner.done = True
+
+    def _restart(self) -> None:
+        """A fresh llhttp after an upgrade head (it parses nothing after one)."""
+        self._parser = _request_parser(self)
+        self._in_message = False
+        self._scanner.done = True       # (the next read that starts a head is scanned)
 
     def _fail(self, status: int, reason: str) -> None:
         self._failed = True
@@ -168,6 +210,7 @@ class RequestParser(_Fields):
         self._trailers = []
         self._size = 12                 # the request line's spaces, version and CRLF
         self._in_head = True
+        self._in_message = True
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -184,6 +227,7 @@ class RequestParser(_Fields):
         self._emit(self._sink.on_body, body)
 
     def on_message_complete(self) -> None:
+        self._in_message = False
         if self._held:
             self._queue.append((self._sink.on_end, (self._trailers,), True))
         else:
@@ -192,7 +236,8 @@ class RequestParser(_Fields):
 
 
 class ResponseParser(_Fields):
-    __slots__ = ("_sink", "_parser", "_done", "_head_only", "_after", "_limit", "_reason")
+    __slots__ = ("_sink", "_parser", "_done", "_head_only", "_after", "_limit", "_reason",
+                 "_upgrade", "_rest")
     FIELD_BYTES = RESPONSE_FIELD_BYTES
 
     def __init__(self, sink, max_head: int):
@@ -207,8 +252,10 @@ class ResponseParser(_Fields):
         self._head_only = False
         self._after = False
         self._reason = b""
+        self._upgrade = False
+        self._rest = b""
 
-    def expect(self, method: bytes) -> None:
+    def expect(self, method: bytes, upgrade: bool = False) -> None:
         # A fresh parser per response: llhttp cannot be told that a HEAD
         # answer's Content-Length describes no body, so that one ends at its
         # head here (and framing keeps such a connection out of the pool).
@@ -216,6 +263,8 @@ class ResponseParser(_Fields):
         self._head_only = method == b"HEAD"
         self._done = False
         self._after = False
+        self._upgrade = upgrade
+        self._rest = b""
 
     def feed(self, data: bytes) -> None:
         if self._done:
@@ -224,6 +273,13 @@ class ResponseParser(_Fields):
             return
         try:
             self._parser.feed_data(data)
+        except _Upgrade as exc:
+            # After a 101 (delivered as the head): the new protocol's bytes.
+            at = exc.args[0] if exc.args and isinstance(exc.args[0], int) else len(data)
+            self._rest = data[at:]
+            if not self._done:      # a switch nobody asked for
+                self._done = True
+                self._sink.on_error("invalid response from backend: an unrequested 101")
         except _ParserError as exc:
             try:
                 _reraise_ours(exc)
@@ -236,25 +292,35 @@ class ResponseParser(_Fields):
     def leftover(self) -> bool:
         return self._after
 
+    def detach(self) -> bytes:
+        """After a 101: the bytes that came behind it."""
+        rest, self._rest = self._rest, b""
+        return rest
+
     def on_message_begin(self) -> None:
         if self._done:
             self._after = True
             raise _HeadOnly()
         self._headers = []
         self._trailers = []
-        self._size = 0
+        self._size = 15                 # the status line's version, code, spaces and CRLF
         self._reason = b""
         self._in_head = True
 
     def on_status(self, reason: bytes) -> None:
-        self._reason = reason
-        self._size += len(reason) + 15
+        # (called once per read the reason phrase spans)
+        self._reason += reason
+        self._size += len(reason)
 
     def on_headers_complete(self) -> None:
         self._in_head = False
         parser = self._parser
         status = parser.get_status_code()
         if status < 200:
+            if status == 101 and self._upgrade:
+                self._done = True
+                self._sink.on_head(status, self._reason, parser.get_http_version().encode(),
+                                   self._headers, self._size)
             return      # 100 Continue / 103: the balancer answers Expect itself
         self._sink.on_head(status, self._reason, parser.get_http_version().encode(), self._headers,
                            self._size)

@@ -31,7 +31,7 @@ class UpstreamConnection(CoalescedWrites, asyncio.Protocol):
     __slots__ = ("pool", "parser", "transport", "owner", "usable", "idle_since",
                  "write_paused", "_high", "_reading_paused", "_loop", "_out", "_out_bytes",
                  "_flush_at", "_flush_scheduled", "_method", "_chunked", "_sent", "_response",
-                 "_ended", "_head_bytes", "_head_limit")
+                 "_ended", "_head_bytes", "_head_limit", "_upgrade", "_switched")
 
     def __init__(self, pool: "UpstreamPool", loop: asyncio.AbstractEventLoop, *,
                  parser_class: Any, max_response_header_bytes: int, write_buffer_high: int):
@@ -56,6 +56,8 @@ class UpstreamConnection(CoalescedWrites, asyncio.Protocol):
         self._response = None       # the current response's head, once read
         self._ended = False         # the current response was read whole
         self._head_bytes = 0        # bytes of a response head so far
+        self._upgrade = False       # the request asks to switch protocols
+        self._switched = None       # a 101 read, told to the owner once the read is parsed
 
     # --- asyncio callbacks
 
@@ -72,6 +74,12 @@ class UpstreamConnection(CoalescedWrites, asyncio.Protocol):
             self.close()
             return
         self.parser.feed(data)
+        if self._switched is not None:
+            # Told only now: the parser knows where the 101 ended only once
+            # it has returned (detach hands the owner what came after).
+            response, self._switched = self._switched, None
+            self.owner.upstream_response(response)
+            return
         if self._response is None and self.owner is not None:
             # Still no whole head: however it arrives in pieces, it is bounded.
             self._head_bytes += len(data)
@@ -128,6 +136,9 @@ class UpstreamConnection(CoalescedWrites, asyncio.Protocol):
             self._failed(exc.reason)
             return
         self._response = response
+        if status == 101:
+            self._switched = response
+            return
         owner.upstream_response(response)
 
     def on_body(self, data: bytes) -> None:
@@ -158,8 +169,10 @@ class UpstreamConnection(CoalescedWrites, asyncio.Protocol):
 
     # --- used by the exchange
 
-    def start(self, owner: Any, method: bytes, head: bytes, chunked: bool) -> None:
-        """Send a request head; the body (if any) follows with send_data/send_end."""
+    def start(self, owner: Any, method: bytes, head: bytes, chunked: bool,
+              upgrade: bool = False) -> None:
+        """Send a request head; the body (if any) follows with send_data/send_end.
+        `upgrade`: a 101 may answer it (and hands the connection to a tunnel)."""
         self.owner = owner
         self._method = method
         self._chunked = chunked
@@ -167,7 +180,8 @@ class UpstreamConnection(CoalescedWrites, asyncio.Protocol):
         self._response = None
         self._ended = False
         self._head_bytes = 0
-        self.parser.expect(method)
+        self._upgrade = upgrade
+        self.parser.expect(method, upgrade)
         self._write([head])
 
     def send_data(self, data: bytes) -> None:
@@ -203,6 +217,15 @@ class UpstreamConnection(CoalescedWrites, asyncio.Protocol):
         # to the next request on this connection.
         return (self.usable and self._sent and self._ended and response is not None
                 and response.keep_alive and not self.parser.leftover())
+
+    def switch_protocols(self) -> tuple[asyncio.Transport, bytes]:
+        """After a 101: the transport, and the bytes that came behind the
+        101, for a tunnel; the connection is the tunnel's from here on."""
+        self.usable = False
+        self.owner = None
+        self._flush()
+        self._reading_paused = False
+        return self.transport, self.parser.detach()
 
     def close(self) -> None:
         self.usable = False

@@ -1,0 +1,110 @@
+"""One `[[tcp.backend]]` at run time: what the scheduler and the policies
+read of a backend (name, weight, in_flight, max_concurrency, health), the
+same as an HTTP `Backend` has, with a TCP listener's counters instead of
+HTTP's (no pool, no statuses).
+
+A slot is a connection: `in_flight` counts the connections holding this
+backend, connecting included; `max_connections = 0` (no limit) is a limit
+no fleet reaches.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Protocol
+
+from ..config_model import Active, Passive, TcpBackendConfig
+from .health import Health
+
+UNLIMITED = 1 << 40
+
+
+class Bytes(Protocol):
+    """A connection's byte counts so far (a wire.splice.Splice)."""
+    bytes_to_backend: int
+    bytes_to_client: int
+
+
+class TcpBackend:
+    def __init__(self, cfg: TcpBackendConfig, *, passive: Passive, active: Active):
+        self.name = cfg.name
+        self.host = cfg.host
+        self.port = cfg.port
+        # No slow start: a TCP slot is a connection, not a GPU job to ramp up to.
+        self.health = Health(passive, active, slow_start=0.0)
+        self.weight = cfg.weight
+        self.max_connections = cfg.max_connections
+        self.max_concurrency = cfg.max_connections or UNLIMITED
+        # Kept by the scheduler, as for an HTTP backend.
+        self.in_flight = 0
+        self.in_flight_since: deque[float] = deque()
+        self.last_answer: float | None = None
+        self.peak_in_flight = 0
+        self.requests = 0               # slots taken: connection attempts
+        # Counters of this listener's connections to it.
+        self.total = 0                  # connections made (and joined to their client)
+        self.connect_failures = 0
+        self.failures = {"connect": 0, "connect_timeout": 0}
+        self.last_error: tuple[float, str] | None = None
+        self.bytes_to_backend = 0       # of connections that ended ...
+        self.bytes_to_client = 0
+        self._joined: set[Bytes] = set()   # ... and these are under way
+
+    def reconfigure(self, cfg: TcpBackendConfig, *, passive: Passive, active: Active,
+                    probed: bool) -> None:
+        """A reload kept this backend (same name and address): its state and
+        counters stay; `probed`: the listener still runs checks."""
+        self.weight = cfg.weight
+        self.max_connections = cfg.max_connections
+        self.max_concurrency = cfg.max_connections or UNLIMITED
+        self.health.passive = passive
+        self.health.active = active
+        if not probed:
+            self.health.probe_up = None   # no checks now: no verdict holds it out
+            self.health.probe_busy = False
+
+    def record_failure(self, kind: str, reason: str) -> None:
+        """A connection to it could not be made (`kind`: connect | connect_timeout)."""
+        self.failures[kind] += 1
+        self.connect_failures += 1
+        self.last_error = (time.time(), reason)
+
+    def joined(self, connection: Bytes) -> None:
+        self.total += 1
+        self._joined.add(connection)
+
+    def parted(self, connection: Bytes) -> None:
+        """A joined connection ended: its bytes go into the totals."""
+        self._joined.discard(connection)
+        self.bytes_to_backend += connection.bytes_to_backend
+        self.bytes_to_client += connection.bytes_to_client
+
+    def snapshot(self, now: float) -> dict:
+        health = self.health
+        return {
+            "name": self.name,
+            "address": f"{self.host}:{self.port}",
+            "state": health.state(now, self.in_flight),
+            "in_rotation": health.in_rotation(now),
+            "admin": health.admin,
+            "open": self.in_flight,
+            "peak": self.peak_in_flight,
+            "total": self.total,
+            "attempts": self.requests,
+            "max_connections": self.max_connections,
+            "weight": self.weight,
+            "connect_failures": self.connect_failures,
+            "failures": dict(self.failures),
+            "last_error": None if self.last_error is None else {
+                "time": round(self.last_error[0], 3), "reason": self.last_error[1]},
+            "ejections": health.ejections_total,
+            "ejected_for_s": (round(health.ejected_until - now, 3)
+                              if health.ejected and health.ejected_until > now else 0),
+            "probe": None if health.probe_up is None and not health.probe_reason else {
+                "up": health.probe_up, "last": health.probe_reason},
+            "bytes_to_backend": self.bytes_to_backend + sum(
+                c.bytes_to_backend for c in self._joined),
+            "bytes_to_client": self.bytes_to_client + sum(
+                c.bytes_to_client for c in self._joined),
+        }
