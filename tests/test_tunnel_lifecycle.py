@@ -1,7 +1,8 @@
 """A tunnel's life around the balancer's own: SIGTERM gives open tunnels
 listen.drain_timeout and then closes them; SIGHUP leaves a removed
 backend's tunnels open; an upgrade request is never sent twice (a connect
-failure, before anything went out, is retried) and never goes to Cartesia.
+failure, before anything went out, is retried) and never goes to Cartesia;
+a 5xx answer to one counts against the backend's health like a request's.
 
 Real peers: the websockets library's sync client, backends.ws_echo, and a
 scripted raw backend for the one that must fail after reading the request.
@@ -135,3 +136,21 @@ def test_an_upgrade_on_a_tts_route_never_goes_to_cartesia(stack):  # noqa: F811
     assert reply.status in (502, 503), reply.body
     assert reply.header("x-tts-fallback") is None
     assert fake.requests() == []
+
+
+def test_a_5xx_handshake_counts_against_the_backends_health(start_lb):
+    def unavailable(conn, index):
+        read_head(conn)
+        conn.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 4\r\n\r\nbusy")
+
+    scripted = ScriptedBackend(unavailable)
+    try:
+        balancer = start_lb([f"http://127.0.0.1:{scripted.port}"],
+                            **{"health.passive": {"consecutive_5xx": 1}})
+        reply = raw_request(balancer.port, UPGRADE_HEAD)
+        assert (reply.status, reply.body) == (503, b"busy")     # the backend's own answer
+        (b0,) = balancer.stats()["backends"]
+        assert b0["tunnels"]["refused"] == 1 and b0["tunnels"]["total"] == 0, b0
+        assert b0["ejections"] == 1 and not b0["in_rotation"], b0
+    finally:
+        scripted.close()
