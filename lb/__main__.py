@@ -135,7 +135,8 @@ def _start(config: Config, fd: FdLimit, loader: Loader, workers: int, demo: bool
         return _run(config, fd, loader, demo=demo)
     from .control.supervisor import supervise
     return supervise(config, workers,
-                     lambda cfg: _run(cfg, fd, loader, reuse_port=True, demo=demo),
+                     lambda cfg: _run(cfg, fd, loader, reuse_port=True, demo=demo,
+                                      processes=workers),
                      lambda: _load_for_reload(loader))
 
 
@@ -147,19 +148,19 @@ def _load_for_reload(loader: Loader) -> Config | None:
 
 
 def _run(config: Config, fd: FdLimit, loader: Loader, reuse_port: bool = False,
-         demo: bool = False) -> int:
+         demo: bool = False, processes: int = 1) -> int:
     import uvloop  # imported late so --check works without the event loop
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(_serve(config, fd, loader, reuse_port, demo))
+        return runner.run(_serve(config, fd, loader, reuse_port, demo, processes))
 
 
 async def _serve(config: Config, fd: FdLimit, loader: Loader, reuse_port: bool,
-                 demo: bool) -> int:
+                 demo: bool, processes: int) -> int:
     from .control.balancer import Balancer
 
     loop = asyncio.get_running_loop()
-    balancer = Balancer(config, loop, fd)
+    balancer = Balancer(config, loop, fd, processes)
     if balancer.cap_note:
         log.warning("%s", balancer.cap_note)
     log.info("connection cap: %d client connections (%s)", balancer.max_connections,

@@ -201,6 +201,39 @@ def test_workers_share_one_port_and_both_answer(start_backend, run_lb):
     assert backend.stats()["requests_total"] == 20
 
 
+def test_workers_split_each_backends_limit(start_backend, run_lb):
+    """Two workers, a backend limit of 4: each worker takes 2 of its slots,
+    so 16 calls at once never put more than 4 on the backend (each worker
+    holding its own 4 put up to 8 there)."""
+    from concurrent.futures import ThreadPoolExecutor
+    backend = start_backend()
+    lb, _ = run_lb([{"url": backend.url, "max_concurrency": 4}], listen={"workers": 2},
+                   balancer={"queue_timeout": 30})
+    started = [lb.wait_for_line(rf"worker {number}: listening on ") for number in (1, 2)]
+    backend.reset_stats()
+
+    def call(_):
+        conn = http.client.HTTPConnection("127.0.0.1", lb.port, timeout=30)
+        try:
+            conn.request("GET", "/slow?delay=0.4")
+            response = conn.getresponse()
+            return response.status, response.read()
+        finally:
+            conn.close()
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(call, range(16)))
+    assert answers == [(200, b"ok\n")] * 16
+    stats = backend.stats()
+    assert stats["requests_total"] == 16
+    assert 2 <= stats["max_requests_in_flight"] <= 4, stats
+    assert all("(limit 4, 2 in this worker of 2)" in line.string for line in started), started
+    snap = {s["worker"]: s for s in (get_json(lb.port, "/lb-stats") for _ in range(20))}
+    for worker in snap.values():
+        (b0,) = worker["backends"]
+        assert (b0["max_concurrency"], b0["process_limit"]) == (4, 2), b0
+
+
 def test_a_killed_worker_is_restarted_and_requests_keep_succeeding(start_backend, run_lb):
     backend = start_backend()
     lb, _ = run_lb([backend.url], listen={"workers": 2})
@@ -455,7 +488,8 @@ def test_sighup_applies_a_new_limit_and_policy(start_backend, run_lb, workers):
     for stats in worker_stats(lb.port, numbers).values():
         assert stats["policy"] == "round_robin"
         assert stats["backends"][0]["max_concurrency"] == 7
-        assert stats["backends"][0]["limit_now"] == 7
+        # (each of 2 workers holds it to its share: floor(7 / 2))
+        assert stats["backends"][0]["limit_now"] == 7 // workers
     assert backend_port(lb.port) == backend.port
     assert lb.proc.poll() is None and "starting it again" not in lb.output()
 

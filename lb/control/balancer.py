@@ -54,10 +54,14 @@ SWEEP_INTERVAL = 1.0     # how often idle pooled connections are expired
 
 
 class Balancer(RequestAccounting):
-    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop, fd: FdLimit):
+    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop, fd: FdLimit,
+                 processes: int = 1):
         self.config = config
         self.loop = loop
         self.fd = fd
+        # Workers sharing every backend: each holds a backend to its share of
+        # max_concurrency (Backend.process_share), fixed for the process's life.
+        self.processes = processes
         limits = config.limits
         self.backends = [self._make_backend(b) for b in config.backends]
         self.by_name = {b.name: b for b in self.backends}
@@ -95,7 +99,7 @@ class Balancer(RequestAccounting):
         self._access = config.log.access
         self.engine = engines.resolve(config.listen.http)   # "auto" -> what runs
         self._request_parser, self._response_parser = engines.parsers(self.engine)
-        self.tcp = TcpListeners(config, loop, self.worker)    # the [[tcp]] listeners
+        self.tcp = TcpListeners(config, loop, self.worker, processes)   # the [[tcp]] listeners
 
     # --- life cycle
 
@@ -116,7 +120,9 @@ class Balancer(RequestAccounting):
         log.info("%slistening on %s:%d, %d backend(s): %s; policy %s; http engine %s",
                  f"worker {self.worker}: " if self.worker else "", shown, port,
                  len(self.backends),
-                 ", ".join(f"{b.name}={b.url} (limit {b.max_concurrency})"
+                 ", ".join(f"{b.name}={b.url} (limit {b.configured_limit}"
+                           + (f", {b.max_concurrency} in this worker of {self.processes})"
+                              if self.processes > 1 else ")")
                            for b in self.backends), self.policy.name, self.engine)
         if self.fallback is not None:
             client = self.fallback.client
@@ -157,7 +163,8 @@ class Balancer(RequestAccounting):
                 pool, loop, parser_class=self._response_parser,
                 max_response_header_bytes=limits.max_response_header_bytes,
                 write_buffer_high=limits.write_buffer_high)),
-            passive=config.passive, active=config.active, slow_start=config.balancer.slow_start)
+            passive=config.passive, active=config.active, slow_start=config.balancer.slow_start,
+            processes=self.processes)
 
     def _make_fallback(self, config: Config) -> Fallback | None:
         cartesia = config.cartesia

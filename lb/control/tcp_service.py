@@ -20,10 +20,12 @@ log = logging.getLogger("lb")
 
 
 class TcpListeners:
-    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop, worker: int):
+    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop, worker: int,
+                 processes: int = 1):
         self.config = config
         self.loop = loop
         self.worker = worker
+        self.processes = processes      # workers: each backend's max_connections is split
         self.frontends: dict[str, TcpFrontend] = {}
         self.retired: list[TcpFrontend] = []     # removed by a reload, connections still open
         self._reuse_port = False
@@ -39,7 +41,7 @@ class TcpListeners:
             self.frontends[cfg.name] = frontend
 
     def _make(self, cfg) -> TcpFrontend:
-        return TcpFrontend(cfg, self.config, self.loop, self._ended)
+        return TcpFrontend(cfg, self.config, self.loop, self._ended, self.processes)
 
     def _cap(self) -> int:
         """Connections each listener may hold: two descriptors each (client

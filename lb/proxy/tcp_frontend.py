@@ -44,13 +44,14 @@ def settings(cfg: TcpListener, config: Config) -> SessionSettings:
 
 class TcpFrontend:
     def __init__(self, cfg: TcpListener, config: Config, loop: asyncio.AbstractEventLoop,
-                 on_ended: Callable[["TcpFrontend", TcpSession], None]):
+                 on_ended: Callable[["TcpFrontend", TcpSession], None], processes: int = 1):
         self.cfg = cfg
+        self.processes = processes      # workers sharing each backend's max_connections
         self.name = cfg.name
         self.loop = loop
         self._on_ended = on_ended
-        self.backends = [TcpBackend(b, passive=config.passive, active=config.active)
-                         for b in cfg.backends]
+        self.backends = [TcpBackend(b, passive=config.passive, active=config.active,
+                                    processes=processes) for b in cfg.backends]
         self.policy = policies.make(cfg.policy)
         self._wakeup = Wakeup(loop, lambda: self.scheduler.dispatch())
         self.scheduler = Scheduler(self.backends, self.policy, queue_limit=cfg.queue_limit,
@@ -112,7 +113,7 @@ class TcpFrontend:
             else:
                 removed.append(backend)
         known = {b.name for b in kept}
-        added = [TcpBackend(b, passive=passive, active=active)
+        added = [TcpBackend(b, passive=passive, active=active, processes=self.processes)
                  for b in cfg.backends if b.name not in known]
         for backend in removed:
             # What it holds runs on (and releases its slot here); nothing new goes there.

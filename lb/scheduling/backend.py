@@ -16,14 +16,26 @@ FAILURE_KINDS = ("connect", "connect_timeout", "reset", "first_byte_timeout",
 _STATUS_CLASSES = ("0xx", "1xx", "2xx", "3xx", "4xx", "5xx")
 
 
+def process_share(limit: int, processes: int) -> int:
+    """What one of `processes` balancer processes (workers) may send a
+    backend at once, so that together they stay within its `limit`:
+    floor(limit / processes), at least 1 (a backend must stay usable, so
+    with more workers than slots the limit can be passed, by at most
+    processes - limit)."""
+    return max(1, limit // processes)
+
+
 class Backend:
     def __init__(self, cfg: BackendConfig, pool: UpstreamPool, *, passive: Passive,
-                 active: Active, slow_start: float):
+                 active: Active, slow_start: float, processes: int = 1):
         self.name = cfg.name
         self.url = cfg.url
         self.host = cfg.host
         self.port = cfg.port
-        self.max_concurrency = cfg.max_concurrency
+        self.processes = processes  # balancer processes sharing the backend's slots
+        self.configured_limit = cfg.max_concurrency
+        # This process's share of the limit: what the scheduler holds it to.
+        self.max_concurrency = process_share(cfg.max_concurrency, processes)
         self.weight = cfg.weight
         self.health_path = cfg.health_path
         # Host header for requests that arrive without one (HTTP/1.0).
@@ -64,7 +76,8 @@ class Backend:
                     slow_start: float) -> None:
         """A reload kept this backend (same name and URL): new limit, weight,
         probe path and health settings; its state and counters stay."""
-        self.max_concurrency = cfg.max_concurrency
+        self.configured_limit = cfg.max_concurrency
+        self.max_concurrency = process_share(cfg.max_concurrency, self.processes)
         self.weight = cfg.weight
         self.health_path = cfg.health_path
         self.health.passive = passive
@@ -110,7 +123,8 @@ class Backend:
             "admin": health.admin,
             "in_flight": self.in_flight,
             "peak_in_flight": self.peak_in_flight,
-            "max_concurrency": self.max_concurrency,
+            "max_concurrency": self.configured_limit,
+            "process_limit": self.max_concurrency,   # this process's share of it
             "limit_now": health.limit(now, self.max_concurrency),
             "weight": self.weight,
             "requests": self.requests,

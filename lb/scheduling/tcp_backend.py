@@ -15,6 +15,7 @@ from collections import deque
 from typing import Protocol
 
 from ..config_model import Active, Passive, TcpBackendConfig
+from .backend import process_share
 from .health import Health
 
 UNLIMITED = 1 << 40
@@ -27,15 +28,17 @@ class Bytes(Protocol):
 
 
 class TcpBackend:
-    def __init__(self, cfg: TcpBackendConfig, *, passive: Passive, active: Active):
+    def __init__(self, cfg: TcpBackendConfig, *, passive: Passive, active: Active,
+                 processes: int = 1):
         self.name = cfg.name
+        self.processes = processes      # workers sharing max_connections
         self.host = cfg.host
         self.port = cfg.port
         # No slow start: a TCP slot is a connection, not a GPU job to ramp up to.
         self.health = Health(passive, active, slow_start=0.0)
         self.weight = cfg.weight
         self.max_connections = cfg.max_connections
-        self.max_concurrency = cfg.max_connections or UNLIMITED
+        self.max_concurrency = self._limit()
         # Kept by the scheduler, as for an HTTP backend.
         self.in_flight = 0
         self.in_flight_since: deque[float] = deque()
@@ -57,12 +60,17 @@ class TcpBackend:
         counters stay; `probed`: the listener still runs checks."""
         self.weight = cfg.weight
         self.max_connections = cfg.max_connections
-        self.max_concurrency = cfg.max_connections or UNLIMITED
+        self.max_concurrency = self._limit()
         self.health.passive = passive
         self.health.active = active
         if not probed:
             self.health.probe_up = None   # no checks now: no verdict holds it out
             self.health.probe_busy = False
+
+    def _limit(self) -> int:
+        """This process's share of max_connections (as for HTTP backends)."""
+        limit = self.max_connections
+        return process_share(limit, self.processes) if limit else UNLIMITED
 
     def record_failure(self, kind: str, reason: str) -> None:
         """A connection to it could not be made (`kind`: connect | connect_timeout)."""
