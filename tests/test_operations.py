@@ -12,6 +12,7 @@ import re
 import signal
 import socket
 import time
+import urllib.request
 
 import pytest
 
@@ -232,6 +233,8 @@ def test_workers_split_each_backends_limit(start_backend, run_lb):
     for worker in snap.values():
         (b0,) = worker["backends"]
         assert (b0["max_concurrency"], b0["process_limit"]) == (4, 2), b0
+    with urllib.request.urlopen(f"http://127.0.0.1:{lb.port}/metrics", timeout=5) as resp:
+        assert 'tts_lb_backend_process_limit{backend="b0"} 2' in resp.read().decode()
 
 
 def test_a_killed_worker_is_restarted_and_requests_keep_succeeding(start_backend, run_lb):

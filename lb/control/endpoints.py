@@ -133,6 +133,9 @@ def metrics(balancer: "Balancer", request: Request, peer: str) -> tuple[int, byt
     family("backend_ejections_total", "counter", "Passive ejections.", per_backend("ejections"))
     family("backend_max_concurrency", "gauge", "Configured concurrency limit.",
            per_backend("max_concurrency"))
+    family("backend_process_limit", "gauge",
+           "This process's share of the limit: max_concurrency / workers, rounded down.",
+           per_backend("process_limit"))
     family("backend_limit", "gauge", "Concurrency limit in force now (slow start, half-open).",
            per_backend("limit_now"))
     family("backend_peak_in_flight", "gauge", "Most requests ever held at once.",
