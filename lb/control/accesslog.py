@@ -8,7 +8,7 @@ from typing import Sequence
 logger = logging.getLogger("lb.access")
 
 
-def _quote(text: str) -> str:
+def quote(text: str) -> str:
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
@@ -22,7 +22,7 @@ def line(*, request_id: str, method: bytes, target: bytes, status: int, backend:
     for a free slot; `ended` says why a tunnel (status 101) ended."""
     ttfb_ms = "-" if ttfb is None else f"{ttfb * 1000:.1f}"
     text = (f"rid={request_id} method={method.decode('ascii', 'replace')} "
-            f"path={_quote(target.decode('ascii', 'replace'))} status={status} "
+            f"path={quote(target.decode('ascii', 'replace'))} status={status} "
             f"backend={backend} in={bytes_in} out={bytes_out} "
             f"ttfb_ms={ttfb_ms} total_ms={total * 1000:.1f}")
     if queued:
@@ -30,7 +30,7 @@ def line(*, request_id: str, method: bytes, target: bytes, status: int, backend:
     if len(tried) > 1:
         text += f" attempts={len(tried)} tried={','.join(tried)}"
     if why:
-        text += f" why={_quote('; '.join(why))}"
+        text += f" why={quote('; '.join(why))}"
     if ended:
         text += f" ended={ended}"
-    return f"{text} note={_quote(note)}" if note else text
+    return f"{text} note={quote(note)}" if note else text

@@ -29,12 +29,12 @@ from .fdlimit import FdLimit, connection_cap
 from .request_log import RequestAccounting
 from .tcp_service import TcpListeners
 from ..proxy.latency import FALLBACK_BACKEND, NO_BACKEND_LABEL, OTHER_KIND, LatencyBook
-from ..wire.listener import Listener, open_socket, somaxconn
+from ..wire.listener import BACKLOG, Listener, open_socket, somaxconn
 from ..scheduling import policy as policies
 from ..wire.pool import UpstreamPool
 from ..scheduling.probe import Prober
 from ..scheduling.retry import RetryBudget
-from ..scheduling.scheduler import Scheduler
+from ..scheduling.scheduler import Scheduler, carry_over
 from ..scheduling.wakeup import Wakeup
 from ..wire.upstream import UpstreamConnection
 from ..proxy.exchange import Exchange
@@ -45,7 +45,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("lb")
 
 WORKER_ENV = "TTS_LB_WORKER"   # set by the supervisor: this worker's number, from 1
-BACKLOG = 65535          # the kernel caps it at net.core.somaxconn
 AUDIO_TTL = 3600.0       # two-step audio files live an hour on Chatterbox servers
 AFFINITY_ITEMS = 100_000 # audio_url -> backend entries
 AUDIO_ITEMS = 1000       # WAV files the fallback made, kept for their audio_url
@@ -99,7 +98,8 @@ class Balancer(RequestAccounting):
         self._access = config.log.access
         self.engine = engines.resolve(config.listen.http)   # "auto" -> what runs
         self._request_parser, self._response_parser = engines.parsers(self.engine)
-        self.tcp = TcpListeners(config, loop, self.worker, processes)   # the [[tcp]] listeners
+        self.tcp = TcpListeners(config, loop, self.worker, processes,   # the [[tcp]] listeners
+                                fd.granted)
 
     # --- life cycle
 
@@ -215,28 +215,19 @@ class Balancer(RequestAccounting):
         # Backends: same name and URL -> kept, with its state, and the new
         # limit, weight and probe; otherwise removed (drained: what it holds
         # finishes, nothing new goes there) and/or added.
-        kept, added, removed = [], [], []
-        wanted = {b.name: b for b in new.backends}
-        for backend in self.backends:
-            cfg = wanted.get(backend.name)
-            if cfg is not None and cfg.url == backend.url:
-                backend.reconfigure(cfg, passive=new.passive, active=new.active,
-                                    slow_start=new.balancer.slow_start)
-                kept.append(backend)
-            else:
-                removed.append(backend)
-        known = {b.name for b in kept}
-        for cfg in new.backends:
-            if cfg.name not in known:
-                added.append(self._make_backend(cfg))
+        backends, kept, added, removed = carry_over(
+            self.backends, new.backends, same=lambda backend, cfg: cfg.url == backend.url,
+            make=self._make_backend)
+        for backend, cfg in kept:
+            backend.reconfigure(cfg, passive=new.passive, active=new.active,
+                                slow_start=new.balancer.slow_start)
         for backend in removed:
             self.scheduler.set_admin(backend, "drain")
             backend.pool.close_all()
         for prober in self._probers.values():
             prober.stop()
         self._probers = {}
-        current = {b.name: b for b in kept + added}
-        self.backends = [current[name] for name in wanted]   # in the new file's order
+        self.backends = backends   # in the new file's order
         self.by_name = {b.name: b for b in self.backends}
         if old.balancer.policy != new.balancer.policy:
             self.policy = policies.make(new.balancer.policy)

@@ -23,10 +23,10 @@ from ..config_model import (Active, Admin, BackendConfig, Balancing, Cartesia,  
 from ..wire import engines
 from .config_tables import checked_keys, NAME, array_of_tables, entry_name
 from .config_tcp import parse_tcp
-from .config_values import (address, backend_url, base_url, boolean, bracket, choice, date,
-                            env_name, file_path, fraction, health_path, integer, language,
-                            networks, seconds, seconds_or_zero, show, statuses, voices,
-                            worker_count)
+from .config_values import (POLICY_NAMES, address, backend_url, base_url, boolean, bracket,
+                            choice, date, env_name, file_path, fraction, health_path, integer,
+                            language, networks, seconds, seconds_or_zero, show, statuses,
+                            voices, worker_count)
 
 SECTIONS: dict[str, dict[str, tuple[Any, Callable[[Any], Any]]]] = {
     "listen": {
@@ -62,7 +62,7 @@ SECTIONS: dict[str, dict[str, tuple[Any, Callable[[Any], Any]]]] = {
         "level": ("info", choice("debug", "info", "warning", "error")),
     },
     "balancer": {
-        "policy": ("least_conn", choice("least_conn", "p2c", "random", "round_robin")),
+        "policy": ("least_conn", choice(*POLICY_NAMES)),
         "max_concurrency": (4, integer(1, 100_000)),
         "queue_limit": (1024, integer(0, 1_000_000)),
         "queue_timeout": (10.0, seconds),

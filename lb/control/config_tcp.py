@@ -17,13 +17,12 @@ from typing import Any, Callable
 
 from ..config_model import ConfigError, TcpBackendConfig, TcpListener
 from .config_tables import array_of_tables, checked_keys, entry_name
-from .config_values import address, choice, health_path, integer, seconds
+from .config_values import POLICY_NAMES, address, choice, health_path, integer, seconds
 
-POLICIES = ("least_conn", "p2c", "random", "round_robin")
 CHECKS = ("none", "connect", "http")
 
 LISTENER_KEYS: dict[str, Callable[[Any], Any]] = {
-    "policy": choice(*POLICIES),
+    "policy": choice(*POLICY_NAMES),
     "queue_limit": integer(0, 1_000_000),
     "queue_timeout": seconds,
     "check": choice(*CHECKS),

@@ -160,6 +160,11 @@ def boolean(value: Any) -> bool:
     return value
 
 
+# balancer.policy and [[tcp]] policy (lb.scheduling.policy.POLICIES; named
+# here so that checking a file needs no part of the running balancer).
+POLICY_NAMES = ("least_conn", "p2c", "random", "round_robin")
+
+
 def choice(*allowed: str) -> Callable[[Any], str]:
     def check(value: Any) -> str:
         if value not in allowed:

@@ -37,15 +37,19 @@ def _counts(counts: dict) -> str:
     return ", ".join(f"{_e(k)} {_e(v)}" for k, v in sorted(counts.items())) or "none"
 
 
+def _state(state: str) -> str:
+    """A backend's state, in its colour."""
+    colour = _STATE_COLOURS.get(state, "#c22")
+    return f"<span style='color:{colour}'><b>{_e(state.upper())}</b></span>"
+
+
 def _backends(stats: dict) -> str:
     rows = []
     for b in stats["backends"]:
         last = b["last_error"]["reason"] if b["last_error"] else ""
-        colour = _STATE_COLOURS.get(b["state"], "#c22")
         responses = b["responses"]
         rows.append([
-            _e(b["name"]), _e(b["url"]),
-            f"<span style='color:{colour}'><b>{_e(b['state'].upper())}</b></span>",
+            _e(b["name"]), _e(b["url"]), _state(b["state"]),
             f"{_e(b['in_flight'])} / {_e(b['limit_now'])}", _e(b["peak_in_flight"]),
             _e(b["requests"]), _e(responses["2xx"]), _e(responses["4xx"]),
             _e(responses["5xx"]), _e(b["no_response"]), _e(b["errors"]),
@@ -102,9 +106,7 @@ def _retries(stats: dict) -> str:
 def _tcp(stats: dict) -> str:
     out = []
     for t in stats.get("tcp", ()):
-        rows = [[_e(b["name"]), _e(b["address"]),
-                 f"<span style='color:{_STATE_COLOURS.get(b['state'], '#c22')}'>"
-                 f"<b>{_e(b['state'].upper())}</b></span>",
+        rows = [[_e(b["name"]), _e(b["address"]), _state(b["state"]),
                  f"{_e(b['open'])} / {_e(b['max_connections'] or '-')}", _e(b["total"]),
                  _e(b["connect_failures"]), _e(b["bytes_to_backend"]), _e(b["bytes_to_client"])]
                 for b in t["backends"]]

@@ -46,6 +46,12 @@ def supervise(config: Config, workers: int, run_worker: Callable[[Config], int],
         config = dataclasses.replace(config, listen=dataclasses.replace(config.listen, port=port))
     tcp_ports: dict[str, socket.socket] = {}     # [[tcp]] name -> the port held for it
     config = _fixed_tcp_ports(config, tcp_ports)
+
+    def let_ports_go() -> None:
+        for held in [reserve, *tcp_ports.values()]:
+            if held is not None:
+                held.close()
+
     children: dict[int, tuple[int, float]] = {}    # pid -> (worker number, started)
     state = {"stopping": False, "config": config}
     port = config.listen.port
@@ -63,9 +69,7 @@ def supervise(config: Config, workers: int, run_worker: Callable[[Config], int],
                     signal.signal(sig, signal.SIG_DFL)
                 _die_with_parent()
                 os.environ[WORKER_ENV] = str(number)
-                for held in [reserve, *tcp_ports.values()]:
-                    if held is not None:
-                        held.close()
+                let_ports_go()
                 code = run_worker(state["config"])
             except BaseException:
                 traceback.print_exc()
@@ -118,9 +122,7 @@ def supervise(config: Config, workers: int, run_worker: Callable[[Config], int],
             time.sleep(RESTART_PAUSE)   # do not spin on a worker that cannot start
         if not state["stopping"]:
             spawn(number)
-    for held in [reserve, *tcp_ports.values()]:
-        if held is not None:
-            held.close()
+    let_ports_go()
     log.info("supervisor: all workers stopped")
     return 1 if failed else 0
 

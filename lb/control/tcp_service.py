@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import resource
 
 from ..config_model import Config
 from ..proxy.tcp_frontend import ENDINGS, TcpFrontend
@@ -21,8 +20,9 @@ log = logging.getLogger("lb")
 
 class TcpListeners:
     def __init__(self, config: Config, loop: asyncio.AbstractEventLoop, worker: int,
-                 processes: int = 1):
+                 processes: int, descriptors: int):
         self.config = config
+        self.descriptors = descriptors  # RLIMIT_NOFILE granted (fdlimit, at start-up)
         self.loop = loop
         self.worker = worker
         self.processes = processes      # workers: each backend's max_connections is split
@@ -47,8 +47,7 @@ class TcpListeners:
         """Connections each listener may hold: two descriptors each (client
         and backend), within the descriptors granted (limits.max_connections
         if it is lower)."""
-        granted = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-        return connection_cap(granted, 0, self.config.limits.max_connections)[0]
+        return connection_cap(self.descriptors, 0, self.config.limits.max_connections)[0]
 
     def port(self, name: str) -> int:
         frontend = self.frontends[name]
@@ -125,8 +124,7 @@ def line(listener: str, session: TcpSession) -> str:
     if len(session.tried) > 1:
         text += f" tried={','.join(session.tried)}"
     if session.errors:
-        why = "; ".join(session.errors).replace("\\", "\\\\").replace('"', '\\"')
-        text += f' why="{why}"'
+        text += f" why={accesslog.quote('; '.join(session.errors))}"
     return text
 
 

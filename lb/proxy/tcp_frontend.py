@@ -18,18 +18,17 @@ from typing import Callable
 
 from ..config_model import Config, TcpListener
 from ..scheduling import policy as policies
-from ..scheduling.scheduler import NO_BACKEND, QUEUE_FULL, Scheduler
+from ..scheduling.scheduler import NO_BACKEND, QUEUE_FULL, Scheduler, carry_over
 from ..scheduling.tcp_backend import TcpBackend
 from ..scheduling.tcp_probe import TcpProber
 from ..scheduling.wakeup import Wakeup
-from ..wire.listener import Listener, open_socket
+from ..wire.listener import BACKLOG, Listener, open_socket
 from ..wire.splice import (BACKEND_CLOSED, BACKEND_RESET, CLIENT_CLOSED, CLIENT_RESET,
                            IDLE_TIMEOUT, SHUTDOWN)
 from .tcp_session import CONNECT_FAILED, DONE, QUEUE_TIMEOUT, SessionSettings, TcpSession
 
 log = logging.getLogger("lb")
 
-BACKLOG = 65535
 # Every `ended` a connection can have (the metrics list each from the start).
 ENDINGS = (CLIENT_CLOSED, BACKEND_CLOSED, CLIENT_RESET, BACKEND_RESET, IDLE_TIMEOUT, SHUTDOWN,
            QUEUE_TIMEOUT, QUEUE_FULL, NO_BACKEND, CONNECT_FAILED)
@@ -103,23 +102,17 @@ class TcpFrontend:
         """A reload kept this listener (same name and address)."""
         passive, active = config.passive, config.active
         probed = cfg.check != "none"
-        wanted = {b.name: b for b in cfg.backends}
-        kept, removed = [], []
-        for backend in self.backends:
-            new = wanted.get(backend.name)
-            if new is not None and (new.host, new.port) == (backend.host, backend.port):
-                backend.reconfigure(new, passive=passive, active=active, probed=probed)
-                kept.append(backend)
-            else:
-                removed.append(backend)
-        known = {b.name for b in kept}
-        added = [TcpBackend(b, passive=passive, active=active, processes=self.processes)
-                 for b in cfg.backends if b.name not in known]
+        backends, kept, added, removed = carry_over(
+            self.backends, cfg.backends,
+            same=lambda backend, new: (new.host, new.port) == (backend.host, backend.port),
+            make=lambda new: TcpBackend(new, passive=passive, active=active,
+                                        processes=self.processes))
+        for backend, new in kept:
+            backend.reconfigure(new, passive=passive, active=active, probed=probed)
         for backend in removed:
             # What it holds runs on (and releases its slot here); nothing new goes there.
             self.scheduler.set_admin(backend, "drain")
-        current = {b.name: b for b in kept + added}
-        self.backends = [current[name] for name in wanted]
+        self.backends = backends
         if cfg.policy != self.cfg.policy:
             self.policy = policies.make(cfg.policy)
         self.scheduler.reconfigure(self.backends, self.policy, queue_limit=cfg.queue_limit,

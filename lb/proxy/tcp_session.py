@@ -244,13 +244,13 @@ class TcpSession(Held):
         self.state = JOINED
         self.splice = splice = join(self.owner.loop, self, held, idle=self.settings.idle,
                                     on_end=self._splice_ended, on_client_lost=self._client_lost)
-        backend.joined(splice)
+        backend.connections.joined(splice)
         pass_on_eofs(splice, self, held)
 
     def _splice_ended(self, why: str) -> None:
         splice = self.splice
         self.bytes_in, self.bytes_out = splice.bytes_to_backend, splice.bytes_to_client
-        self.backend.parted(splice)
+        self.backend.connections.parted(splice)
         self._release()
         self._finish(why)
 

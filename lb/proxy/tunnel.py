@@ -53,14 +53,13 @@ class Tunnelling:
         client_transport, client_first = self.client.switch_protocols(
             hdr.switching(response.headers, request_id=self.request_id,
                           upgrade=response.upgrade))
-        backend.tunnels_total += 1
         balancer.tunnels.add(self)
         # (a Splice ends only from a later callback, never while it is made)
         self.splice = Splice(balancer.loop, client_transport, backend_transport,
                              idle=balancer.config.timeouts.tunnel_idle,
                              on_end=self._tunnel_ended, on_client_lost=self.client.tunnel_closed,
                              client_first=client_first, backend_first=backend_first)
-        backend.open_tunnels.add(self.splice)
+        backend.tunnels.joined(self.splice)
 
     def _tunnel_ended(self, why: str) -> None:
         if self.phase == DONE:
@@ -69,9 +68,7 @@ class Tunnelling:
         self.ended = why
         self.bytes_in = splice.bytes_to_backend
         self.bytes_out = splice.bytes_to_client
-        backend.open_tunnels.discard(splice)
-        backend.tunnel_bytes_to_backend += self.bytes_in
-        backend.tunnel_bytes_to_client += self.bytes_out
+        backend.tunnels.parted(splice)
         self.balancer.tunnels.discard(self)
         self._finish()
 

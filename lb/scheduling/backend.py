@@ -8,6 +8,7 @@ from collections import deque
 from ..config_model import Active, BackendConfig, Passive
 from .health import Health
 from ..wire.pool import UpstreamPool
+from ..wire.splice import SpliceTally
 
 FAILURE_KINDS = ("connect", "connect_timeout", "reset", "first_byte_timeout",
                  "idle_timeout", "bad_response")
@@ -63,13 +64,9 @@ class Backend:
         self.last_error: tuple[float, str] | None = None
         self.bytes_sent = 0         # request bodies (and tunnel bytes) forwarded to the backend
         self.bytes_received = 0     # response bodies (and tunnel bytes) received from it
-        # Tunnels (after a 101): the splices open now, opened in all, the bytes
-        # each way of those ended; and upgrade requests the backend answered
+        # Tunnels (after a 101); and upgrade requests the backend answered
         # with anything but a 101.
-        self.open_tunnels: set = set()
-        self.tunnels_total = 0
-        self.tunnel_bytes_to_backend = 0
-        self.tunnel_bytes_to_client = 0
+        self.tunnels = SpliceTally()
         self.handshakes_refused = 0
 
     def reconfigure(self, cfg: BackendConfig, *, passive: Passive, active: Active,
@@ -147,11 +144,9 @@ class Backend:
             },
             "bytes_sent": self.bytes_sent,
             "bytes_received": self.bytes_received,
-            "tunnels": {"open": len(self.open_tunnels), "total": self.tunnels_total,
+            "tunnels": {"open": len(self.tunnels.open), "total": self.tunnels.total,
                         "refused": self.handshakes_refused,
-                        "bytes_to_backend": self.tunnel_bytes_to_backend + sum(
-                            t.bytes_to_backend for t in self.open_tunnels),
-                        "bytes_to_client": self.tunnel_bytes_to_client + sum(
-                            t.bytes_to_client for t in self.open_tunnels)},
+                        "bytes_to_backend": self.tunnels.bytes_to_backend,
+                        "bytes_to_client": self.tunnels.bytes_to_client},
             "pool": self.pool.snapshot(),
         }

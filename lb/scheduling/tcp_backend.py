@@ -12,19 +12,13 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import Protocol
 
 from ..config_model import Active, Passive, TcpBackendConfig
 from .backend import process_share
 from .health import Health
+from ..wire.splice import SpliceTally
 
 UNLIMITED = 1 << 40
-
-
-class Bytes(Protocol):
-    """A connection's byte counts so far (a wire.splice.Splice)."""
-    bytes_to_backend: int
-    bytes_to_client: int
 
 
 class TcpBackend:
@@ -46,13 +40,10 @@ class TcpBackend:
         self.peak_in_flight = 0
         self.requests = 0               # slots taken: connection attempts
         # Counters of this listener's connections to it.
-        self.total = 0                  # connections made (and joined to their client)
         self.connect_failures = 0
         self.failures = {"connect": 0, "connect_timeout": 0}
         self.last_error: tuple[float, str] | None = None
-        self.bytes_to_backend = 0       # of connections that ended ...
-        self.bytes_to_client = 0
-        self._joined: set[Bytes] = set()   # ... and these are under way
+        self.connections = SpliceTally()   # made, and joined to their client
 
     def reconfigure(self, cfg: TcpBackendConfig, *, passive: Passive, active: Active,
                     probed: bool) -> None:
@@ -78,16 +69,6 @@ class TcpBackend:
         self.connect_failures += 1
         self.last_error = (time.time(), reason)
 
-    def joined(self, connection: Bytes) -> None:
-        self.total += 1
-        self._joined.add(connection)
-
-    def parted(self, connection: Bytes) -> None:
-        """A joined connection ended: its bytes go into the totals."""
-        self._joined.discard(connection)
-        self.bytes_to_backend += connection.bytes_to_backend
-        self.bytes_to_client += connection.bytes_to_client
-
     def snapshot(self, now: float) -> dict:
         health = self.health
         return {
@@ -98,7 +79,7 @@ class TcpBackend:
             "admin": health.admin,
             "open": self.in_flight,
             "peak": self.peak_in_flight,
-            "total": self.total,
+            "total": self.connections.total,
             "attempts": self.requests,
             "max_connections": self.max_connections,
             "weight": self.weight,
@@ -111,8 +92,6 @@ class TcpBackend:
                               if health.ejected and health.ejected_until > now else 0),
             "probe": None if health.probe_up is None and not health.probe_reason else {
                 "up": health.probe_up, "last": health.probe_reason},
-            "bytes_to_backend": self.bytes_to_backend + sum(
-                c.bytes_to_backend for c in self._joined),
-            "bytes_to_client": self.bytes_to_client + sum(
-                c.bytes_to_client for c in self._joined),
+            "bytes_to_backend": self.connections.bytes_to_backend,
+            "bytes_to_client": self.connections.bytes_to_client,
         }

@@ -22,6 +22,7 @@ log = logging.getLogger("lb")
 ACCEPT_BATCH = 64         # accepts per readiness callback, to stay fair to other work
 _FD_EXHAUSTED = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 _FD_RETRY = 0.05          # when out of descriptors with nothing open to wait for
+BACKLOG = 65535           # listen backlog asked for; the kernel caps it at net.core.somaxconn
 
 
 def open_socket(host: str, port: int, backlog: int, reuse_port: bool = False) -> socket.socket:

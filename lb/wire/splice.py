@@ -113,6 +113,34 @@ class _Side(asyncio.Protocol):
             peer.transport.resume_reading()
 
 
+class SpliceTally:
+    """Splices to one backend: how many were joined, those open now, and
+    the bytes each way of all of them (the open ones read as they stand)."""
+    __slots__ = ("total", "open", "_to_backend", "_to_client")
+
+    def __init__(self):
+        self.total = 0
+        self.open: set[Splice] = set()
+        self._to_backend = self._to_client = 0     # of those ended
+
+    def joined(self, splice: "Splice") -> None:
+        self.total += 1
+        self.open.add(splice)
+
+    def parted(self, splice: "Splice") -> None:
+        self.open.discard(splice)
+        self._to_backend += splice.bytes_to_backend
+        self._to_client += splice.bytes_to_client
+
+    @property
+    def bytes_to_backend(self) -> int:
+        return self._to_backend + sum(s.bytes_to_backend for s in self.open)
+
+    @property
+    def bytes_to_client(self) -> int:
+        return self._to_client + sum(s.bytes_to_client for s in self.open)
+
+
 class Splice:
     __slots__ = ("client", "backend", "active", "ended", "why", "_loop", "_idle", "_timer",
                  "_silent", "_on_end", "_on_client_lost", "_linger", "_held_timer")
