@@ -161,6 +161,18 @@ class TcpListener:
 
 
 @dataclass(frozen=True)
+class Cluster:
+    """[cluster]: backend slots shared through Redis by every balancer
+    process of a fleet (workers and replicas)."""
+    redis_url: str              # as given: may hold a password; never shown
+    shown_url: str              # for logs and /lb-stats: no password, no query
+    fleet: str                  # key prefix: replicas of one fleet use the same name
+    lease: float                # seconds a slot is held without renewal
+    timeout: float              # longest wait on Redis for a slot
+    replicas: int               # balancer replicas: the static share when Redis is gone
+
+
+@dataclass(frozen=True)
 class Config:
     listen: Listen
     limits: Limits
@@ -176,4 +188,5 @@ class Config:
     backends: tuple[BackendConfig, ...]
     routes: tuple[Route, ...] = ()
     tcp: tuple[TcpListener, ...] = ()
+    cluster: Cluster | None = None   # None: this process alone (no [cluster] redis_url)
     warnings: tuple[str, ...] = ()   # not errors, but worth a look: `--check` prints them

@@ -1,7 +1,8 @@
 """Sans-io tests for lb.policy: least_conn, p2c, random and round_robin.
 
 A policy is handed the backends that may take a request right now (never
-empty) and looks only at their name, in_flight and weight."""
+empty) and looks only at their name, load (in_flight, plus in_flight_elsewhere:
+the fleet's other balancers' calls there) and weight."""
 
 from __future__ import annotations
 
@@ -18,9 +19,10 @@ from lb.scheduling.policy import POLICIES, LeastConn, PowerOfTwo, RoundRobin, We
 class Stub:
     """What a policy looks at of a Backend."""
 
-    def __init__(self, name: str, in_flight: int = 0, weight: int = 1):
+    def __init__(self, name: str, in_flight: int = 0, weight: int = 1, elsewhere: int = 0):
         self.name = name
         self.in_flight = in_flight
+        self.in_flight_elsewhere = elsewhere
         self.weight = weight
 
     def __repr__(self) -> str:
@@ -28,7 +30,7 @@ class Stub:
 
 
 def load(b: Stub) -> float:
-    return b.in_flight / b.weight
+    return (b.in_flight + b.in_flight_elsewhere) / b.weight
 
 
 candidates_st = st.lists(st.tuples(st.integers(0, 8), st.integers(1, 5)), min_size=1,
@@ -78,6 +80,14 @@ def test_pick_is_one_of_the_candidates(name, candidates, seed):
 def test_least_conn_picks_the_least_in_flight():
     a, b, c = Stub("a", 3), Stub("b", 1), Stub("c", 2)
     assert LeastConn(random.Random(0)).pick([a, b, c]) is b
+
+
+@pytest.mark.parametrize("name", ["least_conn", "p2c"])
+def test_calls_from_the_fleets_other_balancers_count_as_load(name):
+    # Fewer calls from this process, but more from the whole fleet.
+    quiet_here, quiet_fleet = Stub("a", in_flight=0, elsewhere=3), Stub("b", in_flight=1)
+    policy = make(name)
+    assert {policy.pick([quiet_here, quiet_fleet]).name for _ in range(20)} == {"b"}
 
 
 def test_least_conn_divides_by_weight():

@@ -24,6 +24,7 @@ from ..tts.fallback import Fallback
 from ..wire import engines
 from ..wire.client import ClientConnection
 from ..wire.framing import Request
+from .cluster_service import OFF, ClusterService
 from .config import BackendConfig, Config
 from .fdlimit import FdLimit, connection_cap
 from .request_log import RequestAccounting
@@ -34,7 +35,8 @@ from ..scheduling import policy as policies
 from ..wire.pool import UpstreamPool
 from ..scheduling.probe import Prober
 from ..scheduling.retry import RetryBudget
-from ..scheduling.scheduler import Scheduler, carry_over
+from ..scheduling.carry_over import carry_over
+from ..scheduling.scheduler import Scheduler
 from ..scheduling.wakeup import Wakeup
 from ..wire.upstream import UpstreamConnection
 from ..proxy.exchange import Exchange
@@ -61,6 +63,9 @@ class Balancer(RequestAccounting):
         # Workers sharing every backend: each holds a backend to its share of
         # max_concurrency (Backend.process_share), fixed for the process's life.
         self.processes = processes
+        # [cluster] replicas (fixed for the process's life, as [cluster] is):
+        # the static share of each backend when Redis cannot be reached.
+        self.replicas = config.cluster.replicas if config.cluster is not None else 1
         limits = config.limits
         self.backends = [self._make_backend(b) for b in config.backends]
         self.by_name = {b.name: b for b in self.backends}
@@ -75,6 +80,9 @@ class Balancer(RequestAccounting):
                                    queue_limit=config.balancer.queue_limit,
                                    passive=config.passive, clock=time.monotonic,
                                    wake_at=self._wakeup.at)
+        # [cluster]: every backend's slots shared with the fleet through Redis.
+        self.cluster = (ClusterService(config.cluster, loop, self.scheduler, lambda: self.by_name)
+                        if config.cluster is not None else None)
         self.retry = RetryBudget(config.retry)
         # TTS calls by path, and what the Cartesia fallback needs.
         self.routes = _routes(config)
@@ -136,11 +144,15 @@ class Balancer(RequestAccounting):
         if cap is not None and cap < BACKLOG:
             log.info("listen backlog capped by net.core.somaxconn at %d", cap)
         self.tcp.start(reuse_port)   # after the HTTP line: tests read its port first
+        if self.cluster is not None:
+            self.cluster.start()
 
     def stop(self) -> None:
         if self.listener is not None:
             self.listener.close()
         self.tcp.stop()
+        if self.cluster is not None:
+            self.cluster.stop()
         if self._sweeper is not None:
             self._sweeper.cancel()
         self._wakeup.cancel()
@@ -164,7 +176,7 @@ class Balancer(RequestAccounting):
                 max_response_header_bytes=limits.max_response_header_bytes,
                 write_buffer_high=limits.write_buffer_high)),
             passive=config.passive, active=config.active, slow_start=config.balancer.slow_start,
-            processes=self.processes)
+            processes=self.processes, replicas=self.replicas)
 
     def _make_fallback(self, config: Config) -> Fallback | None:
         cartesia = config.cartesia
@@ -204,6 +216,7 @@ class Balancer(RequestAccounting):
                                     ("listen.workers", old.listen.workers, new.listen.workers),
                                     ("listen.http", old.listen.http, new.listen.http),
                                     ("limits", old.limits, new.limits),
+                                    ("[cluster]", old.cluster, new.cluster),
                                     ("[pool] or timeouts.connect for kept backends",
                                      (old.pool, old.timeouts.connect),
                                      (new.pool, new.timeouts.connect))):
@@ -221,6 +234,8 @@ class Balancer(RequestAccounting):
         for backend, cfg in kept:
             backend.reconfigure(cfg, passive=new.passive, active=new.active,
                                 slow_start=new.balancer.slow_start)
+        for backend in added:
+            backend.use_shared(self.cluster is not None and self.cluster.shared)
         for backend in removed:
             self.scheduler.set_admin(backend, "drain")
             backend.pool.close_all()
@@ -356,6 +371,7 @@ class Balancer(RequestAccounting):
             "backend_counts": BACKEND_COUNTS,
             "latency": self.latency.snapshot(now),
             "tcp": self.tcp.snapshot(now),
+            "cluster": self.cluster.snapshot() if self.cluster is not None else OFF,
         }
 
     def fallback_snapshot(self) -> dict:

@@ -22,6 +22,7 @@ from ..config_model import (Active, Admin, BackendConfig, Balancing, Cartesia,  
                            Route, Timeouts)
 from ..wire import engines
 from .config_tables import checked_keys, NAME, array_of_tables, entry_name
+from .config_cluster import parse_cluster
 from .config_tcp import parse_tcp
 from .config_values import (POLICY_NAMES, address, backend_url, base_url, boolean, bracket,
                             choice, date, env_name, file_path, fraction, health_path, integer,
@@ -132,10 +133,10 @@ _PARENTS = sorted({name.split(".", 1)[0] for name in SECTIONS if "." in name})
 BACKEND_NAME = NAME    # (what --backend names are checked against too)
 
 
-def parse(raw: dict[str, Any]) -> Config:
-    """Validate an already-parsed TOML document."""
+def parse(raw: dict[str, Any], environ: Mapping[str, str] | None = None) -> Config:
+    """Validate an already-parsed TOML document (`environ`: for TTS_LB_REDIS_URL)."""
     top = {name for name in SECTIONS if "." not in name} | set(_PARENTS) | {"backend", "route",
-                                                                          "tcp"}
+                                                                          "tcp", "cluster"}
     unknown = sorted(set(raw) - top)
     if unknown:
         raise ConfigError(unknown[0], f"unknown section or key (known: "
@@ -185,6 +186,7 @@ def parse(raw: dict[str, Any]) -> Config:
         backends=backends,
         routes=_routes(raw.get("route", [])),
         tcp=parse_tcp(raw.get("tcp"), (host, port)),
+        cluster=parse_cluster(raw.get("cluster"), environ),
         warnings=tuple(warnings),
     )
 

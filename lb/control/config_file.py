@@ -68,6 +68,7 @@ class Loader:
                  http: str | None = None):
         self.source = source
         self.http = http        # --http: replaces [listen] http, on every reload too
+        self.environ = environ  # TTS_LB_REDIS_URL, read on every load
         # Checked once, at start: a bad entry stops the start with its name.
         if cli_backends:
             self.backends, self.backends_from = from_entries(cli_backends), "--backend"
@@ -87,7 +88,7 @@ class Loader:
             raw["backend"] = [dict(table) for table in self.backends]
         if self.http is not None and isinstance(raw.setdefault("listen", {}), dict):
             raw["listen"]["http"] = self.http
-        return parse(raw)
+        return parse(raw, self.environ)
 
 
 def load(path: str) -> Config:

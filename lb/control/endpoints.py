@@ -18,7 +18,7 @@ import orjson
 from ..wire import headers as hdr
 from ..wire.framing import Request
 from .. import __version__
-from . import stats_page, tcp_service
+from . import cluster_service, stats_page, tcp_service
 from ..tts.cartesia import OUTCOMES
 from ..proxy.phases import FALLBACK_REASONS
 from ..scheduling.health import ADMIN_STATES
@@ -50,8 +50,10 @@ def health(balancer: "Balancer", request: Request, peer: str) -> tuple[int, byte
     # With no backend in the rotation, TTS calls still get a voice while
     # the Cartesia fallback is usable: this balancer can still serve.
     status = "ok" if usable else "fallback" if fallback["usable"] else "unavailable"
+    cluster = balancer.cluster
     body = {"status": status,
             "backends_usable": usable, "backends_total": len(balancer.backends),
+            "cluster": cluster.gate.mode if cluster is not None else "off",
             "fallback": {k: fallback[k] for k in ("enabled", "usable", "reason")}}
     return (503 if status == "unavailable" else 200), JSON, orjson.dumps(body)
 
@@ -134,8 +136,12 @@ def metrics(balancer: "Balancer", request: Request, peer: str) -> tuple[int, byt
     family("backend_max_concurrency", "gauge", "Configured concurrency limit.",
            per_backend("max_concurrency"))
     family("backend_process_limit", "gauge",
-           "This process's share of the limit: max_concurrency / workers, rounded down.",
+           "What this process holds the backend to: max_concurrency while the fleet shares "
+           "slots through Redis, else its static share (/ replicas, / workers, rounded down).",
            per_backend("process_limit"))
+    family("backend_fleet_in_flight", "gauge",
+           "Requests at the backend from every balancer of the fleet, as last seen here.",
+           per_backend("fleet_in_flight"))
     family("backend_limit", "gauge", "Concurrency limit in force now (slow start, half-open).",
            per_backend("limit_now"))
     family("backend_peak_in_flight", "gauge", "Most requests ever held at once.",
@@ -183,6 +189,7 @@ def metrics(balancer: "Balancer", request: Request, peer: str) -> tuple[int, byt
     for metric, name, help_text in LATENCY_FAMILIES:
         _histogram(out, name, help_text, metric, balancer.latency)
     tcp_service.metrics(family, stats["tcp"])
+    cluster_service.metrics(family, stats["cluster"])
     return 200, b"text/plain; version=0.0.4; charset=utf-8", ("\n".join(out) + "\n").encode()
 
 
@@ -234,6 +241,8 @@ def admin(balancer: "Balancer", request: Request, peer: str) -> tuple[int, bytes
         raise EndpointError(404, f"unknown action {action!r}: use "
                             f"{ADMIN_PREFIX.decode()}{name}/{'|'.join(ADMIN_STATES)}")
     balancer.scheduler.set_admin(backend, action)
+    if balancer.cluster is not None:
+        balancer.cluster.set_admin(name, action)    # every replica of the fleet
     return 200, JSON, orjson.dumps(backend.snapshot(time.monotonic()), option=orjson.OPT_INDENT_2)
 
 

@@ -18,7 +18,8 @@ from typing import Callable
 
 from ..config_model import Config, TcpListener
 from ..scheduling import policy as policies
-from ..scheduling.scheduler import NO_BACKEND, QUEUE_FULL, Scheduler, carry_over
+from ..scheduling.carry_over import carry_over
+from ..scheduling.scheduler import NO_BACKEND, QUEUE_FULL, Scheduler
 from ..scheduling.tcp_backend import TcpBackend
 from ..scheduling.tcp_probe import TcpProber
 from ..scheduling.wakeup import Wakeup

@@ -28,15 +28,20 @@ def process_share(limit: int, processes: int) -> int:
 
 class Backend:
     def __init__(self, cfg: BackendConfig, pool: UpstreamPool, *, passive: Passive,
-                 active: Active, slow_start: float, processes: int = 1):
+                 active: Active, slow_start: float, processes: int = 1, replicas: int = 1):
         self.name = cfg.name
         self.url = cfg.url
         self.host = cfg.host
         self.port = cfg.port
-        self.processes = processes  # balancer processes sharing the backend's slots
+        self.processes = processes  # workers of this replica sharing the backend's slots
+        self.replicas = replicas    # [cluster] replicas (1 without): for the static share
+        self.shared = False         # the fleet's slots are taken through Redis now
         self.configured_limit = cfg.max_concurrency
-        # This process's share of the limit: what the scheduler holds it to.
-        self.max_concurrency = process_share(cfg.max_concurrency, processes)
+        # What the scheduler holds this process to: the whole limit while the
+        # fleet shares slots, else this process's static share of it.
+        self.max_concurrency = self._limit()
+        # Calls the rest of the fleet has here, as last seen (fleet_slots).
+        self.in_flight_elsewhere = 0
         self.weight = cfg.weight
         self.health_path = cfg.health_path
         # Host header for requests that arrive without one (HTTP/1.0).
@@ -74,7 +79,7 @@ class Backend:
         """A reload kept this backend (same name and URL): new limit, weight,
         probe path and health settings; its state and counters stay."""
         self.configured_limit = cfg.max_concurrency
-        self.max_concurrency = process_share(cfg.max_concurrency, self.processes)
+        self.max_concurrency = self._limit()
         self.weight = cfg.weight
         self.health_path = cfg.health_path
         self.health.passive = passive
@@ -83,6 +88,23 @@ class Backend:
         if not cfg.health_path:
             self.health.probe_up = None   # no probes now: no verdict holds it out
             self.health.probe_busy = False
+
+    def _limit(self) -> int:
+        if self.shared:
+            return self.configured_limit
+        return process_share(process_share(self.configured_limit, self.replicas),
+                             self.processes)
+
+    def use_shared(self, shared: bool) -> None:
+        """The fleet's slots are taken through Redis (True), or not: no Redis,
+        or Redis is unreachable and this process keeps to its static share."""
+        self.shared = shared
+        self.max_concurrency = self._limit()
+
+    @property
+    def load(self) -> int:
+        """Calls here from the whole fleet as this process knows them."""
+        return self.in_flight + self.in_flight_elsewhere
 
     def attempt_started(self, *, took_slot: bool) -> None:
         """An attempt goes out; one that took a slot was counted in `requests`
@@ -119,9 +141,10 @@ class Backend:
             "in_rotation": health.in_rotation(now),
             "admin": health.admin,
             "in_flight": self.in_flight,
+            "fleet_in_flight": self.in_flight + self.in_flight_elsewhere,
             "peak_in_flight": self.peak_in_flight,
             "max_concurrency": self.configured_limit,
-            "process_limit": self.max_concurrency,   # this process's share of it
+            "process_limit": self.max_concurrency,   # what this process holds it to
             "limit_now": health.limit(now, self.max_concurrency),
             "weight": self.weight,
             "requests": self.requests,

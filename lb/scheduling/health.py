@@ -191,6 +191,16 @@ class Health:
         self.local_failures = self.consecutive_5xx = 0
         return duration
 
+    def eject_for(self, now: float, seconds: float) -> None:
+        """Out for `seconds` on another balancer's word: its own back-off
+        counted the ejections; ours do not grow."""
+        self.ejected = True
+        self.ejected_until = now + seconds
+        self.ejections_total += 1
+        self.trial = False
+        self.ramp_start = None
+        self.local_failures = self.consecutive_5xx = 0
+
     def _readmit(self, now: float) -> None:
         self.ejected = False
         self.trial = False

@@ -2,9 +2,11 @@
 
 The scheduler hands a policy the backends that may take a request right now
 (in the rotation and below their concurrency limit, never empty) and the
-policy returns one.  A policy looks only at `in_flight` and `weight`;
-`in_flight` counts requests from the moment a backend is chosen (connecting
-and sending included), not only those with a response under way.
+policy returns one.  A policy looks only at the load and `weight`; the load
+is `in_flight`, requests from the moment a backend is chosen (connecting
+and sending included), not only those with a response under way, plus
+`in_flight_elsewhere`, what the fleet's other balancers have there when
+they share slots through Redis (fleet_slots).
 
 A new policy is one class with a `name` and a `pick`, added to POLICIES.
 """
@@ -24,7 +26,7 @@ class Policy(Protocol):
 
 
 def _load(backend: Backend) -> float:
-    return backend.in_flight / backend.weight
+    return (backend.in_flight + backend.in_flight_elsewhere) / backend.weight
 
 
 class LeastConn:

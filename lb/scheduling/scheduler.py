@@ -20,6 +20,10 @@ The rules:
 - at most `max_ejected_percent` of the fleet is ejected at once, rounded
   down, but never less than one backend: a fleet of one or two can still
   step around a failing server;
+- with the fleet's slots shared through Redis (a `gate`, fleet_slots), a
+  pick is a claim until Redis agrees: the caller gets a Ticket and waits
+  as if queued; a lost race or an unreachable Redis gives the local count
+  back and the ticket goes to the head of the queue for another pick;
 - a probe that got no answer while the backend is still completing
   requests is inconclusive (health.probe_inconclusive); for that the
   scheduler keeps, per backend, when each request in flight took its slot
@@ -50,45 +54,37 @@ class Waiter(Protocol):
     def no_backend(self) -> None: ...
 
 
+class Gate(Protocol):
+    """Slots shared with other processes (fleet_slots.FleetSlots)."""
+    shared: bool
+    def claim(self, backend: Backend, done: Callable[[str], None]) -> None: ...
+    def release(self, backend: Backend) -> None: ...
+    def ejected(self, backend: Backend, seconds: float) -> None: ...
+
+
+TAKEN = "taken"     # what a Gate's claim says when the slot is ours
+
+
 class Ticket:
-    """A place in the queue."""
-    __slots__ = ("waiter", "exclude", "since")
+    """A place in the queue, or a claim the gate has not answered yet."""
+    __slots__ = ("waiter", "exclude", "since", "claiming", "queued_once")
 
     def __init__(self, waiter: Waiter | None, exclude: frozenset[str], since: float):
         self.waiter = waiter            # None once dispatched or cancelled
         self.exclude = exclude
         self.since = since
-
-
-def carry_over(current: Sequence, wanted: Sequence, *, same: Callable[[object, object], bool],
-               make: Callable[[object], object]) -> tuple[list, list, list, list]:
-    """A reload's backends (HTTP or [[tcp]]): one in `current` whose name is
-    still `wanted` and `same(backend, cfg)` is kept, with its state; the
-    others are removed (the caller drains them: what they hold finishes);
-    names not there before are made with `make(cfg)`.
-
-    -> (the backends in the wanted order, [(kept backend, its new cfg)],
-        added, removed)"""
-    by_name = {cfg.name: cfg for cfg in wanted}
-    kept, removed = [], []
-    for backend in current:
-        cfg = by_name.get(backend.name)
-        if cfg is not None and same(backend, cfg):
-            kept.append((backend, cfg))
-        else:
-            removed.append(backend)
-    known = {backend.name for backend, _ in kept}
-    added = [make(cfg) for cfg in wanted if cfg.name not in known]
-    now = {b.name: b for b in [*(backend for backend, _ in kept), *added]}
-    return [now[cfg.name] for cfg in wanted], kept, added, removed
+        self.claiming = False           # out to the gate, not in the queue
+        self.queued_once = False        # it waited in the queue (for the wait figures)
 
 
 class Scheduler:
     def __init__(self, backends: Sequence[Backend], policy: Policy, *, queue_limit: int,
                  passive: Passive, clock: Callable[[], float] = time.monotonic,
                  rng: random.Random | None = None,
-                 wake_at: Callable[[float], None] = lambda when: None):
+                 wake_at: Callable[[float], None] = lambda when: None,
+                 gate: Gate | None = None):
         self.backends = list(backends)
+        self.gate = gate
         self.policy = policy
         self.queue_limit = queue_limit
         self.passive = passive
@@ -130,19 +126,53 @@ class Scheduler:
         backend = self._pick(now, rotation, exclude)
         if backend is not None:
             self._take(backend, now)
-            return backend
+            gate = self.gate
+            if gate is None or not gate.shared:
+                return backend
+            ticket = Ticket(waiter, exclude, now)
+            self._claim(ticket, backend)
+            return ticket
         if not retry and self.queued >= self.queue_limit:
             self.queue_full += 1
             return QUEUE_FULL
         ticket = Ticket(waiter, exclude, now)
-        if retry:
+        self._enqueue(ticket, head=retry)
+        self._schedule_wakeup(now)
+        return ticket
+
+    def _enqueue(self, ticket: Ticket, *, head: bool) -> None:
+        if head:
             self._queue.appendleft(ticket)
         else:
             self._queue.append(ticket)
+        ticket.queued_once = True
         self.queued += 1
         self.peak_queued = max(self.peak_queued, self.queued)
-        self._schedule_wakeup(now)
-        return ticket
+
+    def _claim(self, ticket: Ticket, backend: Backend) -> None:
+        """Ask the gate for the slot taken here on `backend`."""
+        ticket.claiming = True
+        self.gate.claim(backend, lambda result: self._claimed(ticket, backend, result))
+
+    def _claimed(self, ticket: Ticket, backend: Backend, result: str) -> None:
+        ticket.claiming = False
+        waiter = ticket.waiter
+        if result == TAKEN:
+            if waiter is None:          # it gave up meanwhile
+                self.release(backend)
+                return
+            ticket.waiter = None
+            if ticket.queued_once:
+                self.dispatched_from_queue += 1
+                self.queue_wait_total += self.clock() - ticket.since
+            waiter.dispatch(backend)
+            return
+        # Lost (the fleet filled it meanwhile) or no answer: give the count
+        # back and pick again, first in line.
+        self._let_go(backend)
+        if waiter is not None:
+            self._enqueue(ticket, head=True)
+        self.dispatch()
 
     def choose(self, exclude: frozenset[str] = frozenset()) -> Backend | None:
         """A backend for work that takes no slot (a `slot = false` route): the
@@ -157,6 +187,13 @@ class Scheduler:
 
     def release(self, backend: Backend) -> None:
         """A request let go of `backend` (finished, failed or abandoned)."""
+        self._let_go(backend)
+        if self.gate is not None:
+            self.gate.release(backend)
+        if self.queued:
+            self.dispatch()
+
+    def _let_go(self, backend: Backend) -> None:
         backend.in_flight -= 1
         if backend.in_flight_since:
             backend.in_flight_since.popleft()
@@ -164,11 +201,14 @@ class Scheduler:
             # The half-open trial ended without a verdict (its client left):
             # with nothing left there, no trial is out; another may go.
             backend.health.abandoned()
-        if self.queued:
-            self.dispatch()
 
     def cancel(self, ticket: Ticket, *, timed_out: bool = False) -> None:
         """The waiter gives up its place (client left, or its deadline passed)."""
+        if ticket.claiming:
+            ticket.waiter = None        # the gate's answer gives the slot back
+            if timed_out:
+                self.queue_timeouts += 1
+            return
         if ticket.waiter is not None:
             ticket.waiter = None
             self.queued -= 1
@@ -216,13 +256,19 @@ class Scheduler:
                     return    # no slot for this one: none for any plain request behind it
                 i += 1        # a retry avoiding some backends; others may still fit
                 continue
-            ticket.waiter = None
             self.queued -= 1
             if i == 0:
                 queue.popleft()
+            self._take(backend, now)
+            gate = self.gate
+            if gate is not None and gate.shared:
+                if i > 0:
+                    del queue[i]    # (a retry that skipped the head: rare)
+                self._claim(ticket, backend)
+                continue
+            ticket.waiter = None
             self.dispatched_from_queue += 1
             self.queue_wait_total += now - ticket.since
-            self._take(backend, now)
             waiter.dispatch(backend)
 
     def _let_go_all(self) -> None:
@@ -264,9 +310,28 @@ class Scheduler:
         log.warning("backend %s %s for %.1fs (ejection #%d): %s", backend.name,
                     "ejected again after its trial failed" if again else "ejected",
                     seconds, health.ejections, reason)
+        if self.gate is not None:
+            self.gate.ejected(backend, seconds)   # the fleet's other balancers step around it too
         if self.queued:
             self.dispatch()   # lets the queue go if nothing is left in the rotation
         return seconds
+
+    def ejection_reported(self, backend: Backend, seconds: float, by: str) -> None:
+        """Another balancer of the fleet ejected `backend` for `seconds`:
+        step around it here too (within max_ejected_percent, as our own)."""
+        health = backend.health
+        if health.ejected or seconds <= 0:
+            return
+        if self.ejected_count() >= self.max_ejected():
+            log.warning("backend %s was ejected by %s but is kept here: %d of %d backends "
+                        "are ejected already", backend.name, by, self.ejected_count(),
+                        len(self.backends))
+            return
+        health.eject_for(self.clock(), seconds)
+        log.warning("backend %s ejected for %.1fs: balancer %s of the fleet found it failing",
+                    backend.name, seconds, by)
+        if self.queued:
+            self.dispatch()
 
     def probed(self, backend: Backend, ok: bool, reason: str, *, no_answer: bool = False,
                first_byte: float = 0.0) -> None:
@@ -320,7 +385,9 @@ class Scheduler:
         pool = rotation
         if exclude:
             pool = [b for b in rotation if b.name not in exclude] or rotation
-        candidates = [b for b in pool if b.health.has_room(now, b.in_flight, b.max_concurrency)]
+        candidates = [b for b in pool
+                      if b.health.has_room(now, b.in_flight + b.in_flight_elsewhere,
+                                           b.max_concurrency)]
         if not candidates:
             return None
         return self.policy.pick(candidates)

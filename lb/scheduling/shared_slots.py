@@ -1,8 +1,8 @@
 """Backend slots shared by every balancer process of a fleet, in Redis.
 
-The first piece of `[cluster]` (issue 12; not wired into the scheduler
-yet): the atomic operations a process needs to hold a backend to its limit
-when other workers and other replicas send it calls too.
+The atomic operations a process needs to hold a backend to its limit when
+other workers and other replicas send it calls too (`fleet_slots` uses
+them).
 
 One sorted set per backend, `<fleet>:slots:<backend>`: a member per holder
 (a call or tunnel under way somewhere in the fleet), scored by when its
@@ -12,15 +12,21 @@ replica killed with SIGKILL leaves its slots to expire within the lease.
 
     take     one script: drop the expired, count, add us if below the limit
              (atomic, so two processes can never both take the last slot)
-    renew    push our lease out (the holder renews while its call runs);
-             False if it ran out meanwhile (the slot may be someone else's)
-    release  drop us, and PUBLISH the backend's name on `<fleet>:released`
-             so processes with calls waiting try again at once
+    hold     push out the leases of all this process's holders at once (it
+             renews while their calls run): a holder whose lease ran out
+             meanwhile stays out, its slot may be someone else's; or adopt
+             calls that started while Redis was away
+    release  drop holders, and PUBLISH "released <backend>" on
+             `<fleet>:events` so processes with calls waiting try again
     counts   holders now per backend: the fleet-wide in-flight counts
+
+The same channel carries an operator's drain / maint / ready (kept in the
+hash `<fleet>:admin` too, for a replica that starts later) and passive
+ejections, so every replica stops sending to a backend one found broken.
 
 A call that never gets an answer from Redis in time is the caller's to
 bound (asyncio.wait_for with cluster.timeout); nothing here waits longer
-than the client library's own socket timeout.
+than the client library's own socket timeout.  Valkey runs the same.
 """
 
 from __future__ import annotations
@@ -46,17 +52,33 @@ redis.call('PEXPIRE', KEYS[1], 2 * tonumber(ARGV[2]))
 return {1, held + 1}
 """
 
-# KEYS[1]: the backend's set.  ARGV: lease in ms, holder.  -> 1 renewed, 0 lost.
-_RENEW = """
+# KEYS: the backends' sets.  ARGV: lease in ms, "XX" (renew: only holders
+# still there; one whose lease ran out stays out) or "" (adopt: add them,
+# whatever the count), then for each key how many holders follow and them.
+# -> holders of each set after.
+_HOLD = """
 local now = redis.call('TIME')
 local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ms)
-if not redis.call('ZSCORE', KEYS[1], ARGV[2]) then
-  return 0
+local lease = tonumber(ARGV[1])
+local at = 3
+local out = {}
+for i, key in ipairs(KEYS) do
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', ms)
+  local n = tonumber(ARGV[at])
+  for j = 1, n do
+    if ARGV[2] == 'XX' then
+      redis.call('ZADD', key, 'XX', ms + lease, ARGV[at + j])
+    else
+      redis.call('ZADD', key, ms + lease, ARGV[at + j])
+    end
+  end
+  at = at + n + 1
+  if n > 0 then
+    redis.call('PEXPIRE', key, 2 * lease)
+  end
+  out[i] = redis.call('ZCARD', key)
 end
-redis.call('ZADD', KEYS[1], 'XX', ms + tonumber(ARGV[1]), ARGV[2])
-redis.call('PEXPIRE', KEYS[1], 2 * tonumber(ARGV[1]))
-return 1
+return out
 """
 
 # KEYS: the backends' sets.  -> holders of each, the expired dropped first.
@@ -79,33 +101,56 @@ class SharedSlots:
         self.client = client
         self.fleet = fleet
         self.lease_ms = max(1, round(lease * 1000))
-        self.channel = f"{fleet}:released"
+        self.channel = f"{fleet}:events"     # releases, admin states, ejections
+        self.admin_key = f"{fleet}:admin"    # backend -> drain | maint (ready: absent)
         # Holders are unique across the fleet: host, pid, this instance (a
         # process may have more than one: a reload) and a counter.
-        self._prefix = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}:"
+        self.origin = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         self._serial = itertools.count(1)
         self._take = client.register_script(_TAKE)
-        self._renew = client.register_script(_RENEW)
+        self._hold = client.register_script(_HOLD)
         self._counts = client.register_script(_COUNTS)
+
+    async def reconnect(self) -> None:
+        """Drop every pooled connection: after an outage they are dead, and
+        each would fail one call before the pool notices."""
+        await self.client.connection_pool.disconnect()
 
     def key(self, backend: str) -> str:
         return f"{self.fleet}:slots:{backend}"
 
-    async def take(self, backend: str, limit: int) -> str | None:
-        """A slot of `backend` for a new holder (returned), or None if the
-        fleet holds `limit` of them already."""
-        holder = self._prefix + str(next(self._serial))
-        taken, _ = await self._take(keys=[self.key(backend)],
-                                    args=[limit, self.lease_ms, holder])
-        return holder if taken else None
+    def new_holder(self) -> str:
+        return f"{self.origin}:{next(self._serial)}"
 
-    async def renew(self, backend: str, holder: str) -> bool:
-        return bool(await self._renew(keys=[self.key(backend)], args=[self.lease_ms, holder]))
+    async def take(self, backend: str, limit: int, holder: str) -> tuple[bool, int]:
+        """A slot of `backend` for `holder` unless the fleet holds `limit`
+        of them already. -> (taken, holders now)."""
+        taken, held = await self._take(keys=[self.key(backend)],
+                                       args=[limit, self.lease_ms, holder])
+        return bool(taken), int(held)
 
-    async def release(self, backend: str, holder: str) -> None:
+    async def hold(self, holders: dict[str, list[str]], *, adopt: bool = False) -> dict[str, int]:
+        """Push out the leases of `holders` (backend -> ours); with `adopt`,
+        (re)add them whatever the count (calls that started while Redis was
+        away).  -> holders of each backend now, ours included."""
+        names = list(holders)
+        if not names:
+            return {}
+        args: list = [self.lease_ms, "" if adopt else "XX"]
+        for name in names:
+            args.append(len(holders[name]))
+            args.extend(holders[name])
+        held = await self._hold(keys=[self.key(n) for n in names], args=args)
+        return dict(zip(names, (int(n) for n in held)))
+
+    async def release(self, holders: list[tuple[str, str]]) -> None:
+        """Drop each (backend, holder) and tell the fleet which backends have
+        a free slot now, in one round trip."""
         async with self.client.pipeline(transaction=False) as pipe:
-            pipe.zrem(self.key(backend), holder)
-            pipe.publish(self.channel, backend)
+            for backend, holder in holders:
+                pipe.zrem(self.key(backend), holder)
+            for backend in dict.fromkeys(b for b, _ in holders):
+                pipe.publish(self.channel, f"released {backend} {self.origin}")
             await pipe.execute()
 
     async def counts(self, backends: Sequence[str]) -> dict[str, int]:
@@ -114,3 +159,34 @@ class SharedSlots:
             return {}
         held = await self._counts(keys=[self.key(b) for b in backends], args=[])
         return dict(zip(backends, (int(n) for n in held)))
+
+    # --- what the operator and the passive checks decide, for every replica
+
+    async def set_admin(self, backend: str, state: str) -> None:
+        async with self.client.pipeline(transaction=False) as pipe:
+            if state == "ready":
+                pipe.hdel(self.admin_key, backend)
+            else:
+                pipe.hset(self.admin_key, backend, state)
+            pipe.publish(self.channel, f"admin {backend} {self.origin} {state}")
+            await pipe.execute()
+
+    async def admin_states(self) -> dict[str, str]:
+        """Backends an operator took out somewhere in the fleet -> drain | maint."""
+        states = await self.client.hgetall(self.admin_key)
+        return {k.decode("utf-8", "replace"): v.decode("ascii", "replace")
+                for k, v in states.items()}
+
+    async def ejected(self, backend: str, seconds: float) -> None:
+        await self.client.publish(self.channel, f"ejected {backend} {self.origin} {seconds:.3f}")
+
+
+def event(message: bytes) -> tuple[str, str, str, str] | None:
+    """A message on the fleet's channel -> (what, backend, origin, argument),
+    None if it is not one of ours."""
+    parts = message.decode("utf-8", "replace").split(" ")
+    if len(parts) == 3:
+        parts.append("")
+    if len(parts) != 4 or parts[0] not in ("released", "admin", "ejected"):
+        return None
+    return parts[0], parts[1], parts[2], parts[3]

@@ -35,6 +35,7 @@ class TcpBackend:
         self.max_concurrency = self._limit()
         # Kept by the scheduler, as for an HTTP backend.
         self.in_flight = 0
+        self.in_flight_elsewhere = 0    # [[tcp]] backends are never shared through Redis
         self.in_flight_since: deque[float] = deque()
         self.last_answer: float | None = None
         self.peak_in_flight = 0
