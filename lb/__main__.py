@@ -108,7 +108,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"warning: {warning}", file=sys.stderr)
         print(f"{source.path}: ok ({len(config.backends)} backend(s)"
               f"{' from ' + loader.backends_from if loader.backends_from else ''}, "
-              f"listen {config.listen.host}:{config.listen.port})")
+              f"listen {config.listen.host}:{config.listen.port}"
+              + (f", slots shared through {config.cluster.shown_url} as fleet "
+                 f"{config.cluster.fleet!r} of {config.cluster.replicas} replica(s)"
+                 if config.cluster is not None else "") + ")")
         return 0
 
     logsetup.configure(config.log.level)

@@ -13,7 +13,8 @@ from html import escape
 REFRESH_S = 5
 
 _STATE_COLOURS = {"up": "#2a2", "busy": "#2a2", "slow-start": "#2a2", "half-open": "#c80",
-                  "draining": "#c80", "drained": "#888", "maint": "#888"}
+                  "draining": "#c80", "drained": "#888", "maint": "#888",
+                  "shared": "#2a2", "degraded": "#c80"}     # (and the cluster's modes)
 _METRIC_TITLES = (("duration", "duration"), ("first_byte", "first byte"),
                   ("queue_wait", "queue wait"))
 
@@ -50,13 +51,24 @@ def _backends(stats: dict) -> str:
         responses = b["responses"]
         rows.append([
             _e(b["name"]), _e(b["url"]), _state(b["state"]),
-            f"{_e(b['in_flight'])} / {_e(b['limit_now'])}", _e(b["peak_in_flight"]),
-            _e(b["requests"]), _e(responses["2xx"]), _e(responses["4xx"]),
+            f"{_e(b['in_flight'])} / {_e(b['limit_now'])}", _e(b["fleet_in_flight"]),
+            _e(b["peak_in_flight"]), _e(b["requests"]), _e(responses["2xx"]), _e(responses["4xx"]),
             _e(responses["5xx"]), _e(b["no_response"]), _e(b["errors"]),
             f"{_e(b['tunnels']['open'])} ({_e(b['tunnels']['total'])})", _e(last)])
-    return _table(["backend", "url", "state", "active requests / limit", "peak", "requests",
+    return _table(["backend", "url", "state", "active requests / limit", "fleet-wide", "peak",
+                   "requests",
                    "2xx", "4xx", "5xx", "no response", "errors", "tunnels open (all)",
                    "last error"], rows)
+
+
+def _cluster(cluster: dict) -> str:
+    if cluster["mode"] == "off":
+        return ""
+    acquire = cluster["acquire_ms"]
+    return (f"<p>cluster {_state(cluster['mode'])}: fleet {_e(cluster['fleet'])} of "
+            f"{_e(cluster['replicas'])} replicas through {_e(cluster['redis'])} &middot; "
+            f"slot p50 / p99 {_e(acquire['p50'])} / {_e(acquire['p99'])} ms &middot; "
+            f"{_e(cluster['lost_races'])} lost races</p>")
 
 
 def _latency(stats: dict) -> str:
@@ -130,5 +142,6 @@ def render(stats: dict) -> str:
         f"{_e(stats['requests']['total'])} requests</p>"
         f"<p>policy {_e(stats['policy'])} &middot; queue {_e(queue['length'])} of "
         f"{_e(queue['limit'])} &middot; retries {_e(stats['retry']['retries'])}</p>"
+        + _cluster(stats["cluster"])
         + _backends(stats) + _tcp(stats) + _latency(stats) + _fallback(stats) + _retries(stats)
         + "</body></html>")

@@ -8,7 +8,8 @@ cluster.timeout).  What comes back:
     TAKEN        the call goes;
     LOST         the fleet filled that backend meanwhile: the scheduler
                  gives the local count back and picks again (or queues);
-    UNAVAILABLE  Redis did not answer in time or at all: this process goes
+    UNAVAILABLE  Redis did not answer in time (SLOW_CLAIMS in a row) or at
+                 all (a connection error): this process goes
                  *degraded* -- every backend's limit here drops to its
                  static share (Backend.use_shared) -- and picks again.
                  The calls the rest of the fleet had under way still count
@@ -46,6 +47,7 @@ RECHECK = 0.25          # seconds between fleet-count reads while calls wait her
 RECOVER_EVERY = 1.0     # seconds between "is Redis back?" while degraded
 REJOIN = 2 * RECOVER_EVERY + RECHECK   # seconds from Redis's return to sharing again
 FADE = 5.0              # seconds over which the fleet's last-seen calls fade out, degraded
+SLOW_CLAIMS = 3         # claims in a row past cluster.timeout: Redis is too slow to use
 MAX_ORPHANS = 100_000   # holders kept to give back after an outage
 SAMPLES = 4096          # recent slot acquisitions kept for p50 / p99
 # What a Redis call can fail with: the client library's errors, a socket's, ours.
@@ -90,6 +92,7 @@ class FleetSlots:
         self._faded_from: dict[str, int] = {}   # fleet counts when we went degraded
         self._next_recovery = 0.0
         self._orphans: list[tuple[str, str]] = []   # released while Redis was away
+        self._slow_claims = 0                # claims in a row past cluster.timeout
         self.rejoining = False
         self._rejoin_at: float | None = None
         # for /lb-stats and /metrics
@@ -98,12 +101,21 @@ class FleetSlots:
         self.lost_races = 0
         self.redis_errors = 0
         self.degraded_total = 0
-        self.degraded_since: float | None = time.monotonic()   # not shared until Redis answers
+        self.degraded_since: float | None = None
         self.last_error = ""
 
     # --- life
 
     def start(self) -> None:
+        """Claim through Redis from the first call: a process that is still
+        starting must not add its static share on top of the fleet's
+        (if Redis does not answer, the first claim finds out)."""
+        self.shared = True
+        self.degraded_since = None
+        for b in self._backends():
+            b.use_shared(True)
+        log.info("cluster: slots shared through Redis at %s (fleet %s, %d replicas, lease %gs)",
+                 self.cfg.shown_url, self.cfg.fleet, self.cfg.replicas, self.cfg.lease)
         self._tender = self.loop.create_task(self._tend())
 
     def stop(self) -> None:
@@ -170,10 +182,21 @@ class FleetSlots:
         except REDIS_TROUBLE as exc:
             # It may have been taken all the same, after we stopped waiting.
             self._spawn(self._forget([(name, holder)]))
-            self._trouble(exc, f"no slot answer within {self.cfg.timeout * 1000:g} ms"
-                          if isinstance(exc, asyncio.TimeoutError) else None)
+            if not isinstance(exc, asyncio.TimeoutError):
+                self._trouble(exc)
+            else:
+                # One slow answer on a busy machine is not an outage: the call
+                # picks again; SLOW_CLAIMS in a row are.
+                self._slow_claims += 1
+                what = f"{self._slow_claims} slot claims in a row got no answer within " \
+                       f"{self.cfg.timeout * 1000:g} ms (cluster.timeout)"
+                if self._slow_claims >= SLOW_CLAIMS:
+                    self._trouble(exc, what)
+                else:
+                    self.redis_errors += 1
             done(UNAVAILABLE)
             return
+        self._slow_claims = 0
         self.acquire_s.append(time.monotonic() - started)
         if not self.shared:     # degraded while we waited: this slot is not counted on
             self._spawn(self._forget([(name, holder)]))
@@ -304,13 +327,8 @@ class FleetSlots:
             b.use_shared(True)
         self.degraded_since = None
         self._warned = False
-        if self.degraded_total:
-            log.info("cluster: shared slots again: Redis at %s answers (fleet %s)",
-                     self.cfg.shown_url, self.cfg.fleet)
-        else:
-            log.info("cluster: shared slots through Redis at %s (fleet %s, %d replicas, "
-                     "lease %gs)", self.cfg.shown_url, self.cfg.fleet, self.cfg.replicas,
-                     self.cfg.lease)
+        log.info("cluster: shared slots again: Redis at %s answers (fleet %s)",
+                 self.cfg.shown_url, self.cfg.fleet)
         self._wake()
 
     def _trouble(self, exc: BaseException, what: str | None = None) -> None:
