@@ -171,6 +171,7 @@ class Load:
     seed: int
     call_timeout: float
     gpu_s_per_char: float | None = None   # simulated fleet: full-speed GPU seconds a character
+    ports: tuple[int, ...] = ()  # several balancers: caller i calls ports[i % len] (else port)
     calls: list[Call] = field(default_factory=list)
     started: int = 0
     stale_retries: int = 0       # requests resent on a new connection (see HTTPConn)
@@ -243,7 +244,8 @@ async def drive(load: Load, tick=None) -> None:
 
     async def caller(i: int):
         rng = rngs[i]
-        conn = HTTPConn(load.scheme, load.host, load.port, ctx)
+        port = load.ports[i % len(load.ports)] if load.ports else load.port
+        conn = HTTPConn(load.scheme, load.host, port, ctx)
         try:
             # Random phase: callers join over the warm-up, not all at once.
             await asyncio.sleep(rng.uniform(0, load.warmup))

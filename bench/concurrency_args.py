@@ -145,12 +145,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         f"playing and thinking, and the GPU-related timeouts (default "
                         f"{DEFAULT_TIME_SCALE:g}; 1 with --lb, where only playing and thinking "
                         f"are ours to scale)")
+    p.add_argument("--replicas", type=_int_in(1, 8, "--replicas"), default=1, metavar="N",
+                   help="N balancer replicas in front of the fleet, callers spread over them, "
+                        "sharing slots through a redis-server the bench starts (default 1: "
+                        "one balancer per policy, beside HAProxy)")
+    p.add_argument("--no-cluster", action="store_true",
+                   help="with --replicas: only the replicas without [cluster] (each counts "
+                        "only its own calls); the default runs both, with and without")
     p.add_argument("--results", metavar="DIR",
                    help=f"write results.json, latency.png and the configs used here "
                         f"(default ./{RESULTS_BASE}/concurrency-<timestamp>/, under the "
                         f"current directory)")
     args = p.parse_args(argv)
 
+    if args.no_cluster and args.replicas < 2:
+        p.error("--no-cluster: only with --replicas 2 or more")
+    if args.replicas > 1 and args.lb is not None:
+        p.error("--replicas: the bench starts the replicas itself; not with --lb")
     args.ignored = []
     if args.lb is not None:
         args.ignored = [f"--{name.replace('_', '-')}" for name in FLEET_OPTIONS

@@ -62,8 +62,8 @@ def fleet_plan(args, targets: list[str]) -> list[Step]:
                       for n in args.concurrency for t in targets]
 
 
-def run_load(args, scheme, host, port, callers, progress: Progress) -> Load:
-    load = Load(scheme, host, port, callers, args.duration,
+def run_load(args, scheme, host, port, callers, progress: Progress, ports=()) -> Load:
+    load = Load(scheme, host, port, callers, args.duration, ports=ports,
                 warmup=mean_cycle(args, args.rtf if not args.lb else 1.0),
                 scale=args.time_scale, seed=args.seed, call_timeout=call_timeout(args),
                 gpu_s_per_char=(None if args.lb else

@@ -12,6 +12,7 @@ import json
 import os
 import pty
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -41,6 +42,10 @@ ROOT = Path(__file__).resolve().parent.parent
     (["--lb", "ftp://127.0.0.1:6095"], "--lb wants http://HOST:PORT"),
     (["--lb", "http://127.0.0.1:6095/synthesize"], "no path"),
     (["--bogus"], "unrecognized arguments"),
+    (["--replicas", "0"], "--replicas must be from 1 to 8"),
+    (["--replicas", "9"], "--replicas must be from 1 to 8"),
+    (["--no-cluster"], "--no-cluster: only with --replicas 2 or more"),
+    (["--replicas", "2", "--lb", "http://127.0.0.1:6095"], "not with --lb"),
 ])
 def test_bad_arguments_exit_2_with_a_clear_message(argv, says, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -229,3 +234,29 @@ def test_results_option_and_a_progress_bar_that_only_moves_forward(tmp_path):
     assert f"run {runs}/{runs}  {last}" in terminal
     assert "bench: least_conn, 2 callers: " in terminal  # a run's summary, on a line of its own
     assert _our_processes(f"--seed {seed}") == []
+
+
+def test_replicas_with_and_without_shared_slots(tmp_path):
+    """--replicas 3: the same callers over three balancers, first sharing slots
+    through the bench's own redis-server, then each alone.  Servers of 1 slot
+    that crash past 1 at once (--oom-at 1): shared, none crashes; alone, three
+    replicas may each send one, and the servers crash."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (Debian package redis-server)")
+    argv = [sys.executable, "-m", "bench.concurrency", "--replicas", "3", "--duration", "3",
+            "--concurrency", "12", "--backends", "2", "--slots", "1", "--oom-at", "1",
+            "--seed", "5", "--results", str(tmp_path / "out")]
+    out = subprocess.run(argv, cwd=tmp_path, env=_env(), capture_output=True, text=True,
+                         timeout=180, stdin=subprocess.DEVNULL)
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = {r["target"]: r for r in
+            json.loads((tmp_path / "out" / "results.json").read_text())["results"]}
+    shared, alone = rows["replicas-shared"], rows["replicas-alone"]
+    assert shared["backend_crashes"] == 0 and max(shared["server_peaks"]) == 1, shared
+    assert shared["slot_acquire_ms"]["count"] > 0 and shared["slot_acquire_ms"]["p99"] > 0
+    # (a server crashes as it admits the call past --oom-at: that call is never counted
+    # among its syntheses at once, the crash is)
+    assert alone["backend_crashes"] > 0, alone
+    assert alone["slot_acquire_ms"] is None
+    table = [line for line in out.stdout.splitlines() if line.startswith("3 replicas ")]
+    assert [line.split()[2] for line in table] == ["shared", "alone"], out.stdout

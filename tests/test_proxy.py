@@ -119,7 +119,7 @@ def test_access_log_line_has_the_fields(lb):
 
 def test_builtin_endpoints(lb, backend):
     assert get_json(lb.port, "/health") == {
-        "status": "ok", "backends_usable": 1, "backends_total": 1,
+        "status": "ok", "backends_usable": 1, "backends_total": 1, "cluster": "off",
         "fallback": {"enabled": False, "usable": False, "reason": "disabled"}}
     stats = get_json(lb.port, "/lb-stats")
     (entry,) = stats["backends"]
