@@ -101,11 +101,6 @@ class Backend:
         self.shared = shared
         self.max_concurrency = self._limit()
 
-    @property
-    def load(self) -> int:
-        """Calls here from the whole fleet as this process knows them."""
-        return self.in_flight + self.in_flight_elsewhere
-
     def attempt_started(self, *, took_slot: bool) -> None:
         """An attempt goes out; one that took a slot was counted in `requests`
         by the scheduler as it took it."""
