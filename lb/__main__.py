@@ -36,6 +36,8 @@ configuration: the first of -c FILE, ${ENV_CONFIG}, ./{LOCAL_PATH},
 (see --print-config).
 backends: --backend, else TTS_LB_BACKENDS="[name=]URL,..." (e.g.
 TTS_LB_BACKENDS=$CHATTTS_API_URLS), else the file's [[backend]] tables.
+cluster: TTS_LB_REDIS_URL replaces [cluster] redis_url (slots shared with
+the fleet's other balancers through Redis).
 signals: SIGTERM/SIGINT drain and stop; SIGHUP reloads the file.
 """
 
