@@ -67,9 +67,9 @@ def test_slots_are_taken_up_to_the_limit_and_a_release_frees_one(run):
         holders = [await take(slots, "gpu0", 3) for _ in range(4)]
         assert all(holders[:3]) and holders[3] is None
         assert len(set(holders[:3])) == 3
-        assert await slots.counts(["gpu0", "gpu1"]) == {"gpu0": 3, "gpu1": 0}
+        assert await slots.hold({"gpu0": [], "gpu1": []}) == {"gpu0": 3, "gpu1": 0}
         await slots.release([("gpu0", holders[0])])
-        assert await slots.counts(["gpu0"]) == {"gpu0": 2}
+        assert await slots.hold({"gpu0": []}) == {"gpu0": 2}
         assert await take(slots, "gpu0", 3) is not None
         assert await take(slots, "gpu1", 3) is not None      # each backend its own
     run(test)
@@ -89,7 +89,7 @@ def test_many_processes_racing_never_take_more_than_the_limit(run):
         replicas = [make() for _ in range(5)]                 # five connections
         taken = await asyncio.gather(*(take(replicas[i % 5], "gpu0", 4) for i in range(60)))
         assert sum(h is not None for h in taken) == 4
-        assert (await replicas[0].counts(["gpu0"]))["gpu0"] == 4
+        assert (await replicas[0].hold({"gpu0": []}))["gpu0"] == 4
     run(test)
 
 

@@ -206,12 +206,10 @@ class FleetSlots:
         if taken:
             self.acquired += 1
             ours.append(holder)
-            backend.in_flight_elsewhere = max(0, held - len(ours))
-            done(TAKEN)
         else:
             self.lost_races += 1
-            backend.in_flight_elsewhere = max(0, held - len(ours))
-            done(LOST)
+        backend.in_flight_elsewhere = max(0, held - len(ours))
+        done(TAKEN if taken else LOST)
 
     def _flush_releases(self) -> None:
         self._flush = None
@@ -269,13 +267,20 @@ class FleetSlots:
         self._apply_counts(backends, counts)
 
     def _apply_counts(self, backends: Sequence[Backend], counts: dict[str, int]) -> None:
+        def elsewhere(b: Backend) -> int:
+            n = max(0, counts.get(b.name, 0) - len(self.held.get(b.name, ())))
+            # Rejoining: processes not back yet are not in Redis's count.
+            return max(n, self._faded(b)) if self.rejoining else n
+        self._set_elsewhere(backends, elsewhere)
+
+    def _set_elsewhere(self, backends: Sequence[Backend],
+                       elsewhere: Callable[[Backend], int]) -> None:
+        """New fleet counts; a slot that freed up wakes those waiting here."""
         freed = False
         for b in backends:
-            elsewhere = max(0, counts.get(b.name, 0) - len(self.held.get(b.name, ())))
-            if self.rejoining:   # processes not back yet are not in Redis's count
-                elsewhere = max(elsewhere, self._faded(b))
-            freed |= elsewhere < b.in_flight_elsewhere
-            b.in_flight_elsewhere = elsewhere
+            n = elsewhere(b)
+            freed |= n < b.in_flight_elsewhere
+            b.in_flight_elsewhere = n
         if freed and self._waiting():
             self._wake()
 
@@ -286,13 +291,7 @@ class FleetSlots:
         return math.ceil(self._faded_from.get(b.name, 0) * left)
 
     def _apply_fade(self) -> None:
-        freed = False
-        for b in self._backends():
-            fading = self._faded(b)
-            freed |= fading < b.in_flight_elsewhere
-            b.in_flight_elsewhere = fading
-        if freed and self._waiting():
-            self._wake()
+        self._set_elsewhere(list(self._backends()), self._faded)
 
     async def _recover(self) -> None:
         """Degraded (or not yet connected): is Redis back?  Then give back

@@ -18,7 +18,7 @@ replica killed with SIGKILL leaves its slots to expire within the lease.
              calls that started while Redis was away
     release  drop holders, and PUBLISH "released <backend>" on
              `<fleet>:events` so processes with calls waiting try again
-    counts   holders now per backend: the fleet-wide in-flight counts
+    (hold with no holders of ours reads the fleet-wide in-flight counts)
 
 The same channel carries an operator's drain / maint / ready (kept in the
 hash `<fleet>:admin` too, for a replica that starts later) and passive
@@ -35,7 +35,6 @@ import itertools
 import os
 import secrets
 import socket
-from typing import Sequence
 
 # KEYS[1]: the backend's set.  ARGV: limit, lease in ms, holder.
 # -> {1, holders after} when taken, {0, holders} when the backend is full.
@@ -81,19 +80,6 @@ end
 return out
 """
 
-# KEYS: the backends' sets.  -> holders of each, the expired dropped first.
-_COUNTS = """
-local now = redis.call('TIME')
-local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-local out = {}
-for i, key in ipairs(KEYS) do
-  redis.call('ZREMRANGEBYSCORE', key, '-inf', ms)
-  out[i] = redis.call('ZCARD', key)
-end
-return out
-"""
-
-
 class SharedSlots:
     """The fleet's slots in Redis, for one process (`client`: a redis.asyncio.Redis)."""
 
@@ -109,7 +95,6 @@ class SharedSlots:
         self._serial = itertools.count(1)
         self._take = client.register_script(_TAKE)
         self._hold = client.register_script(_HOLD)
-        self._counts = client.register_script(_COUNTS)
 
     async def reconnect(self) -> None:
         """Drop every pooled connection: after an outage they are dead, and
@@ -152,13 +137,6 @@ class SharedSlots:
             for backend in dict.fromkeys(b for b, _ in holders):
                 pipe.publish(self.channel, f"released {backend} {self.origin}")
             await pipe.execute()
-
-    async def counts(self, backends: Sequence[str]) -> dict[str, int]:
-        """Holders of each backend across the fleet now."""
-        if not backends:
-            return {}
-        held = await self._counts(keys=[self.key(b) for b in backends], args=[])
-        return dict(zip(backends, (int(n) for n in held)))
 
     # --- what the operator and the passive checks decide, for every replica
 
