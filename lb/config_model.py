@@ -119,10 +119,37 @@ class Cartesia:
 
 
 @dataclass(frozen=True)
+class Voice:
+    """What one voice name is on each backend API (None / empty: that API's default)."""
+    openai: str | None = None           # the name sent to OpenAI-style servers (None: the caller's)
+    chatterbox: tuple[tuple[str, object], ...] = ()   # /synthesize-json fields (seed, exaggeration..)
+    chattts: int | None = None          # params_infer_code.manual_seed: ChatTTS's speaker
+
+
+@dataclass(frozen=True)
+class Split:
+    """How a long input is cut into pieces synthesized in parallel."""
+    enabled: bool = True
+    min_chars: int = 300        # longer inputs are split (so are those over a backend's limit)
+    parallel: int = 3           # pieces of one call synthesized at once (slots it may hold)
+
+
+@dataclass(frozen=True)
+class Speech:
+    """The OpenAI front door of a kind = "openai" route."""
+    voices: tuple[tuple[str, Voice], ...] = ()   # name -> Voice, in the file's order
+    pass_unknown_voices: bool = False
+    models: tuple[str, ...] = ("tts-1", "tts-1-hd", "gpt-4o-mini-tts")
+    max_input: int = 4096       # characters in `input` (OpenAI's own limit)
+    split: Split = Split()
+
+
+@dataclass(frozen=True)
 class Route:
     path: str                   # request path, exact
     kind: str = ""              # chatterbox | openai | chattts ("": not a TTS call, no fallback)
     slot: bool = True           # requests and tunnels here hold a backend slot (GPU work)
+    speech: Speech | None = None   # kind = "openai": the front door over every backend API
 
 
 @dataclass(frozen=True)
@@ -134,6 +161,9 @@ class BackendConfig:
     max_concurrency: int = 4
     weight: int = 1
     health_path: str = ""       # "" : no active probes
+    api: str = ""               # openai | chatterbox | chattts ("": the kind of the route)
+    formats: tuple[str, ...] = ()   # response formats an OpenAI-style server makes itself
+    max_chars: int = 0          # longest text it takes (0: its API's documented limit)
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from ..scheduling.backend import Backend
 from ..tts.cartesia import CartesiaClient
 from ..scheduling.expiring import ExpiringMap
 from ..tts.fallback import Fallback
+from ..tts.speech_plan import SpeechPlan
 from ..wire import engines
 from ..wire.client import ClientConnection
 from ..wire.framing import Request
@@ -87,6 +88,7 @@ class Balancer(RequestAccounting):
         # TTS calls by path, and what the Cartesia fallback needs.
         self.routes = _routes(config)
         self.slotless = _slotless(config)   # paths whose calls and tunnels take no slot
+        self.speech_plans = _speech_plans(config)   # the OpenAI front door, by path
         self.tunnels: set[Exchange] = set()  # exchanges switched to a tunnel (a 101)
         self.latency = LatencyBook(*_latency_labels(config))
         self.affinity: ExpiringMap[str] = ExpiringMap(max_items=AFFINITY_ITEMS, ttl=AUDIO_TTL)
@@ -252,6 +254,7 @@ class Balancer(RequestAccounting):
         self.tcp.reload(new)
         self.routes = _routes(new)
         self.slotless = _slotless(new)
+        self.speech_plans = _speech_plans(new)
         self.latency.relabel(*_latency_labels(new))
         if old.cartesia != new.cartesia:
             # Calls already with Cartesia keep the client they started with.
@@ -388,6 +391,10 @@ class Balancer(RequestAccounting):
 def _routes(config: Config) -> dict[bytes, str]:
     """TTS calls by path: their kind (what the Cartesia fallback translates)."""
     return {r.path.encode("ascii"): r.kind for r in config.routes if r.kind}
+
+
+def _speech_plans(config: Config) -> dict[bytes, SpeechPlan]:
+    return {r.path.encode("ascii"): SpeechPlan(r.speech) for r in config.routes if r.speech}
 
 
 def _slotless(config: Config) -> frozenset[bytes]:

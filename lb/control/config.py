@@ -23,6 +23,7 @@ from ..config_model import (Active, Admin, BackendConfig, Balancing, Cartesia,  
 from ..wire import engines
 from .config_tables import checked_keys, NAME, array_of_tables, entry_name
 from .config_cluster import parse_cluster
+from .config_speech import BACKEND_SPEECH_KEYS, SPEECH_KEYS, speech
 from .config_tcp import parse_tcp
 from .config_values import (POLICY_NAMES, address, backend_url, base_url, boolean, bracket,
                             choice, date, env_name, file_path, fraction, health_path, integer,
@@ -219,6 +220,7 @@ BACKEND_KEYS: dict[str, Callable[[Any], Any]] = {
     "max_concurrency": integer(1, 100_000),
     "weight": integer(1, 1000),
     "health_path": health_path,
+    **BACKEND_SPEECH_KEYS,
 }
 
 
@@ -312,7 +314,8 @@ def _routes(entries: Any) -> tuple[Route, ...]:
     `slot = false`: requests and tunnels on the path hold no backend slot."""
     seen: set[str] = set()
     out = []
-    for where, entry in array_of_tables(entries, "route", ("path", "kind", "slot")):
+    for where, entry in array_of_tables(entries, "route", ("path", "kind", "slot",
+                                                           *SPEECH_KEYS)):
         path = entry.get("path")
         if not isinstance(path, str) or not re.fullmatch(r"/[\x21-\x22\x24-\x3e\x40-\x7e]*",
                                                          path):
@@ -330,5 +333,10 @@ def _routes(entries: Any) -> tuple[Route, ...]:
             slot = boolean(entry.get("slot", True))
         except ValueError as exc:
             raise ConfigError(f"{where}.slot", str(exc)) from None
-        out.append(Route(path=path, kind=kind, slot=slot))
+        extra = sorted(set(entry) & set(SPEECH_KEYS))
+        if extra and kind != "openai":
+            raise ConfigError(f"{where}.{extra[0]}", 'only a kind = "openai" route has a '
+                              "front door (voices, split, models...)")
+        out.append(Route(path=path, kind=kind, slot=slot,
+                         speech=speech(entry, where) if kind == "openai" else None))
     return tuple(out)

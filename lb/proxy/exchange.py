@@ -36,10 +36,12 @@ from ..wire import headers as hdr
 from ..wire import serialize
 from ..wire.framing import Request
 from ..scheduling.backend import Backend
+from ..tts.openai_speech import error_body
 from ..scheduling.scheduler import NO_BACKEND, QUEUE_FULL, Ticket
 from ..wire.timer import Deadline
 from .phases import (BACKOFF, BUFFERING, CONNECT_BACKSTOP, CONNECTING, DONE, FALLBACK,
                      QUEUE_TIMEOUT, QUEUED, RECEIVING, SENDING, WAITING)
+from . import speech_door
 from .recovery import Recovery
 from .streaming import Streaming
 from .tunnel import Tunnelling
@@ -139,6 +141,8 @@ class Exchange(Streaming, Recovery, Tunnelling):
             # file.  Fetching it is not GPU work, so it takes no slot.
             self._begin(self.pinned, hold=False)
             return
+        if self.kind == "openai" and self.request.method == b"POST" and speech_door.take(self):
+            return      # answered by the OpenAI front door (or refused there)
         self._acquire()
 
     def _acquire(self) -> None:
@@ -340,10 +344,16 @@ class Exchange(Streaming, Recovery, Tunnelling):
             self._answer_error(status, reason, close=close)
 
     def _answer_error(self, status: int, reason: str, close: bool = False,
-                      extra: hdr.Headers = ()) -> None:
+                      extra: hdr.Headers = (), code: str | None = None,
+                      param: str | None = None) -> None:
         self.status = status
         self.note = reason
         self._finish()
+        if self.kind == "openai":   # the caller's own dialect: OpenAI's error object
+            self.client.send_whole(status, b"application/json",
+                                   error_body(status, reason, code=code, param=param),
+                                   self.request_id, close=close, extra=extra)
+            return
         self.client.send_error(status, reason, self.request_id, close=close, extra=extra)
 
     def _drop_upstream(self) -> None:

@@ -14,6 +14,8 @@ An exchange's one `Deadline`; what it means depends on the phase:
     FALLBACK   handed to Cartesia            -> `timeouts.idle` while the body
                                                 still comes, then the fallback's
                                                 own `fallback.cartesia.timeout`
+    SPEECH     served by the OpenAI front door -> none here: each backend call
+                                                it makes has its own timeouts
     TUNNEL     switched protocols (a 101)    -> none here: the tunnel's own
                                                 `timeouts.tunnel_idle` (see `tunnel`)
 
@@ -26,8 +28,8 @@ from __future__ import annotations
 
 from ..scheduling.scheduler import NO_BACKEND, QUEUE_FULL
 
-QUEUED, CONNECTING, SENDING, WAITING, RECEIVING, BACKOFF, FALLBACK, DONE, BUFFERING, TUNNEL = \
-    range(10)
+QUEUED, CONNECTING, SENDING, WAITING, RECEIVING, BACKOFF, FALLBACK, DONE, BUFFERING, TUNNEL, \
+    SPEECH = range(11)
 
 # A backend's JSON answer to a two-step call is read (up to this much) for
 # its audio_url, so the follow-up GET goes to the backend that has the file.

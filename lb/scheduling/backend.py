@@ -29,6 +29,7 @@ def process_share(limit: int, processes: int) -> int:
 class Backend:
     def __init__(self, cfg: BackendConfig, pool: UpstreamPool, *, passive: Passive,
                  active: Active, slow_start: float, processes: int = 1, replicas: int = 1):
+        self.cfg = cfg              # as configured (api, formats: the front door reads them)
         self.name = cfg.name
         self.url = cfg.url
         self.host = cfg.host
@@ -78,6 +79,7 @@ class Backend:
                     slow_start: float) -> None:
         """A reload kept this backend (same name and URL): new limit, weight,
         probe path and health settings; its state and counters stay."""
+        self.cfg = cfg
         self.configured_limit = cfg.max_concurrency
         self.max_concurrency = self._limit()
         self.weight = cfg.weight

@@ -1,0 +1,99 @@
+"""Where an exchange on a kind = "openai" route meets the front door.
+
+The whole body is in (a speech call is small; see `exchange.start`), so the
+call is read before any backend is touched: a bad one is answered 400 in
+OpenAI's error shape at once; one the OpenAI-style servers can take as it
+came goes on as an ordinary proxied request (byte for byte, as before);
+any other is served by tts.speech_service on a task of the exchange's, the
+way the Cartesia fallback is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from ..tts.openai_speech import DEFAULT_FORMAT, SpeechError, read_speech
+from ..tts.speech_output import SpeechOutput
+from ..tts.speech_service import Fleet, SpeechCallRun, SpeechCut, SpeechFailure
+from .phases import DONE, SPEECH
+from .recovery import ClientStalled, _ToClient
+
+if TYPE_CHECKING:
+    from .exchange import Exchange
+
+log = logging.getLogger("lb")
+
+FRONT_DOOR = "front_door"
+
+
+def take(ex: "Exchange") -> bool:
+    """True if the front door answers this call (or refused it); False: proxy it."""
+    balancer = ex.balancer
+    plan = balancer.speech_plans.get(ex.request.path)
+    if plan is None:
+        return False
+    speech = plan.speech
+    if not ex._request_ended or ex._kept is None:
+        ex._answer_error(413, "The request body is too large for a speech call "
+                         f"(over retry.replay_max_bytes, {balancer.config.retry.replay_max_bytes} "
+                         "bytes).", code="request_too_large")
+        return True
+    backends = balancer.scheduler.backends
+    try:
+        call = read_speech(b"".join(ex._kept), known_voices=plan.known_voices,
+                           pass_unknown=speech.pass_unknown_voices,
+                           formats=plan.formats(backends), max_input=speech.max_input,
+                           default_format="wav" if ex.request.path.endswith(b"/stream")
+                           else DEFAULT_FORMAT)
+        if plan.passes_through(call, backends):
+            return False
+        pieces = plan.pieces(call, backends)
+        output = SpeechOutput(call.response_format, sse=call.sse,
+                              native=pieces[0].native is not None)
+    except SpeechError as exc:
+        ex._answer_error(exc.status, exc.message, code=exc.code, param=exc.param)
+        return True
+    run = SpeechCallRun(pieces, output,
+                        Fleet(balancer.scheduler, balancer.config, balancer.why_no_backend),
+                        parallel=speech.split.parallel if len(pieces) > 1 else 1,
+                        characters=len(call.text), speed=call.speed,
+                        tried=ex.tried, why=ex.why)
+    ex._kept = None
+    ex.phase = SPEECH
+    ex.served_by = FRONT_DOOR
+    ex._deadline.cancel()        # each backend call is bounded by its own timeouts
+    ex._fallback_task = balancer.loop.create_task(_serve(ex, run))
+    return True
+
+
+async def _serve(ex: "Exchange", run: SpeechCallRun) -> None:
+    try:
+        await run.run(_ToClient(ex))
+    except ClientStalled:
+        if ex.phase != DONE:
+            ex._abandon(504, f"client read nothing for {ex.balancer.config.timeouts.idle:g}s")
+        return
+    except SpeechFailure as exc:
+        if ex.phase != DONE:
+            extra = [(b"retry-after", b"1")] if exc.retry_after else []
+            ex._answer_error(exc.status, exc.message, code=exc.code, extra=extra)
+        return
+    except SpeechCut as exc:
+        if ex.phase != DONE:
+            ex.note = str(exc)
+            ex._finish()
+            ex.client.abort_response()
+        return
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:   # a bug must not leave the caller hanging
+        log.exception("speech call %s failed", ex.request_id)
+        if ex.phase != DONE:
+            ex._abandon(500, f"the front door failed ({type(exc).__name__})")
+        return
+    if ex.phase == DONE:
+        return
+    ex._finish()
+    ex.client.send_end()
