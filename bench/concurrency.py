@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 from bench.concurrency_args import parse_args
-from bench import replicas
+from bench import openai_api, replicas
 from bench.plot import write_plot
 from bench.report import format_table, legend, observations, results_dir, write_results
 from bench.runs import bench_external, bench_fleet
@@ -114,6 +114,8 @@ def _bench(args, services: Services, tmp: Path, progress_holder: list) -> int:
     os.environ[KEY_ENV] = secrets.token_hex(16)  # for the fake Cartesia and the balancer alike
     if args.replicas > 1:
         return replicas.run(args, services, tmp, out_dir, progress_holder)
+    if args.api == "openai":
+        return openai_api.run(args, services, tmp, out_dir, progress_holder)
 
     audio = [len(t) / CHARS_PER_SECOND for t in SENTENCES]
     meta = {

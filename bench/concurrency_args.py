@@ -10,6 +10,7 @@ import random
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from bench.openai_api import DEFAULT_CALLERS, DEFAULT_DURATION as DEFAULT_DURATION_API
 from bench.processes import RESULTS_BASE
 from bench.throughput_args import _Parser
 from bench.world import (ALL_POLICIES, DEFAULT_CONCURRENCY, DEFAULT_DURATION_LB,
@@ -152,6 +153,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-cluster", action="store_true",
                    help="with --replicas: only the replicas without [cluster] (each counts "
                         "only its own calls); the default runs both, with and without")
+    p.add_argument("--api", choices=("openai",), default=None,
+                   help="openai: POST /v1/audio/speech through the OpenAI front door to the "
+                        "Chatterbox fleet, short and long text, [route.split] on and off "
+                        "(bench/openai_api.py)")
+    p.add_argument("--callers", type=_int_in(1, 2000, "--callers"), default=None, metavar="N",
+                   help=f"with --api openai: concurrent callers (default {DEFAULT_CALLERS})")
     p.add_argument("--results", metavar="DIR",
                    help=f"write results.json, latency.png and the configs used here "
                         f"(default ./{RESULTS_BASE}/concurrency-<timestamp>/, under the "
@@ -162,17 +169,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--no-cluster: only with --replicas 2 or more")
     if args.replicas > 1 and args.lb is not None:
         p.error("--replicas: the bench starts the replicas itself; not with --lb")
+    if args.callers is not None and args.api is None:
+        p.error("--callers: only with --api openai (the other modes take --concurrency)")
+    if args.api is not None and (args.lb is not None or args.replicas > 1):
+        p.error("--api: starts its own fleet and one balancer; not with --lb or --replicas")
     args.ignored = []
     if args.lb is not None:
         args.ignored = [f"--{name.replace('_', '-')}" for name in FLEET_OPTIONS
                         if getattr(args, name) not in (None, False)]
+    if args.api is not None:
+        args.ignored = [f"--{name.replace('_', '-')}" for name in ("policies", "spillover",
+                                                                    "no_haproxy")
+                        if getattr(args, name) not in (None, False)]
+        args.ignored += ["--concurrency"] if args.concurrency != DEFAULT_CONCURRENCY else []
+    args.callers = args.callers if args.callers is not None else DEFAULT_CALLERS
     args.policies = args.policies or DEFAULT_POLICIES
     args.backends = args.backends if args.backends is not None else 5
     args.slots = args.slots if args.slots is not None else 4
     args.oom_at = args.oom_at if args.oom_at is not None else 6
     args.rtf = args.rtf if args.rtf is not None else DEFAULT_RTF
     if args.duration is None:
-        args.duration = DEFAULT_DURATION_LB if args.lb else DEFAULT_DURATION_SIM
+        args.duration = (DEFAULT_DURATION_LB if args.lb else
+                         DEFAULT_DURATION_API if args.api else DEFAULT_DURATION_SIM)
     if args.time_scale is None:
         args.time_scale = 1.0 if args.lb else DEFAULT_TIME_SCALE
     if args.seed is None:

@@ -425,3 +425,13 @@ class ScriptedBackend:
 
     def close(self):
         self.sock.close()
+
+
+def error_text(doc: dict) -> str:
+    """The error in a JSON answer the balancer made: its own {"error": "..."},
+    or on an openai route OpenAI's {"error": {"message": ..., "code": ...}}
+    (message and code, so a test can look for either)."""
+    error = doc["error"]
+    if isinstance(error, dict):
+        return f"{error['message']} [{error.get('code')}]"
+    return error

@@ -42,6 +42,7 @@ from lb.control.config import (
     parse,
 )
 from lb.control.config_file import load
+from lb.config_model import Speech
 
 ROOT = Path(__file__).resolve().parent.parent
 CONF = ROOT / "conf" / "lb.toml"
@@ -116,10 +117,15 @@ EXPECTED_DEFAULTS = dict(
 )
 
 # The [[route]] tables the shipped conf/lb.toml declares, in order.
+def route_of(path: str, kind: str = "", slot: bool = True) -> Route:
+    """A route as parsed with no front-door keys: an openai one has the default door."""
+    return Route(path, kind, slot, speech=Speech() if kind == "openai" else None)
+
+
 SHIPPED_ROUTES = (
-    Route("/synthesize-json", "chatterbox"), Route("/synthesize", "chatterbox"),
-    Route("/v1/audio/speech", "openai"), Route("/v1/audio/speech/stream", "openai"),
-    Route("/generate_voice", "chattts"),
+    route_of("/synthesize-json", "chatterbox"), route_of("/synthesize", "chatterbox"),
+    route_of("/v1/audio/speech", "openai"), route_of("/v1/audio/speech/stream", "openai"),
+    route_of("/generate_voice", "chattts"),
 )
 
 FLOAT_FIELDS = [("timeouts", k) for k in SECTIONS["timeouts"]] + [
@@ -174,8 +180,10 @@ def test_shipped_config_loads_and_matches_the_defaults():
 def test_shipped_config_equals_parse_of_only_its_backends_and_routes():
     shipped = load(str(CONF))
     bare = parse({"backend": [
-        {"name": "gpu0", "url": "http://127.0.0.1:6093", "health_path": "/health"},
-        {"name": "gpu1", "url": "http://127.0.0.1:6094", "health_path": "/health"}],
+        {"name": "gpu0", "url": "http://127.0.0.1:6093", "health_path": "/health",
+         "api": "chatterbox"},
+        {"name": "gpu1", "url": "http://127.0.0.1:6094", "health_path": "/health",
+         "api": "chatterbox"}],
         "route": [{"path": r.path, "kind": r.kind} for r in SHIPPED_ROUTES]})
     assert shipped == bare
 
@@ -346,7 +354,8 @@ def test_unknown_key_in_backend():
     # The reason names every key a backend may have.
     for known in ("name", "url", *BACKEND_KEYS):
         assert known in exc.reason
-    assert set(BACKEND_KEYS) == {"max_concurrency", "weight", "health_path"}
+    assert set(BACKEND_KEYS) == {"max_concurrency", "weight", "health_path", "api", "formats",
+                                 "max_chars"}
 
 
 def test_unknown_key_in_a_later_backend_names_its_index():
@@ -1000,9 +1009,9 @@ def test_routes_in_order():
     config = parse(routes({"path": "/synthesize", "kind": "chatterbox"},
                           {"path": "/v1/audio/speech", "kind": "openai"},
                           {"path": "/generate_voice", "kind": "chattts"}))
-    assert config.routes == (Route("/synthesize", "chatterbox"),
-                             Route("/v1/audio/speech", "openai"),
-                             Route("/generate_voice", "chattts"))
+    assert config.routes == (route_of("/synthesize", "chatterbox"),
+                             route_of("/v1/audio/speech", "openai"),
+                             route_of("/generate_voice", "chattts"))
 
 
 def test_empty_route_array_is_no_routes():
@@ -1017,7 +1026,7 @@ def test_route_kinds():
 @pytest.mark.parametrize("path", ["/", "/synthesize-json", "/v1/audio/speech/stream",
                                   "/a_b.c~d!$&'()*+,;=:@%20"])
 def test_route_path_accepted(path):
-    assert parse(routes({"path": path, "kind": "openai"})).routes == (Route(path, "openai"),)
+    assert parse(routes({"path": path, "kind": "openai"})).routes == (route_of(path, "openai"),)
 
 
 @pytest.mark.parametrize("path,shown", [
@@ -1063,7 +1072,8 @@ def test_unknown_key_in_route(key):
     exc = error_of(routes({"path": "/a", "kind": "openai"},
                           {"path": "/b", "kind": "openai", key: "x"}))
     assert exc.key == f"route[1].{key}"
-    assert "unknown key (known: path, kind, slot)" in exc.reason
+    assert ("unknown key (known: path, kind, slot, voices, pass_unknown_voices, models, "
+            "max_input, split)") in exc.reason
 
 
 @pytest.mark.parametrize("value", [{"path": "/a", "kind": "openai"}, "/a", 1, True])
@@ -1426,7 +1436,7 @@ def test_plant_reaches_three_levels_and_routes():
     assert "fallback.cartesia" not in raw and "fallback.cartesia.voices" not in raw
     config = parse(raw)
     assert config.cartesia.voices["nova"] == UUID and config.cartesia.language == "fr"
-    assert config.routes[1] == Route("/v1/audio/speech", "chattts")
+    assert config.routes[1] == route_of("/v1/audio/speech", "chattts")
 
 
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -1666,7 +1676,7 @@ def test_cartesia_round_trip(keys, voices, default):
     max_size=8, unique_by=lambda e: e[0]))
 def test_routes_round_trip(entries):
     raw = routes(*({"path": p, "kind": k} for p, k in entries))
-    assert parse(raw).routes == tuple(Route(p, k) for p, k in entries)
+    assert parse(raw).routes == tuple(route_of(p, k) for p, k in entries)
 
 
 # --- python -m lb --check

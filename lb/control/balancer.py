@@ -21,6 +21,7 @@ from ..scheduling.backend import Backend
 from ..tts.cartesia import CartesiaClient
 from ..scheduling.expiring import ExpiringMap
 from ..tts.fallback import Fallback
+from ..tts.speech_counters import SpeechCounters
 from ..tts.speech_plan import SpeechPlan
 from ..wire import engines
 from ..wire.client import ClientConnection
@@ -89,6 +90,7 @@ class Balancer(RequestAccounting):
         self.routes = _routes(config)
         self.slotless = _slotless(config)   # paths whose calls and tunnels take no slot
         self.speech_plans = _speech_plans(config)   # the OpenAI front door, by path
+        self.speech_counters = SpeechCounters()
         self.tunnels: set[Exchange] = set()  # exchanges switched to a tunnel (a 101)
         self.latency = LatencyBook(*_latency_labels(config))
         self.affinity: ExpiringMap[str] = ExpiringMap(max_items=AFFINITY_ITEMS, ttl=AUDIO_TTL)
@@ -375,6 +377,7 @@ class Balancer(RequestAccounting):
             "latency": self.latency.snapshot(now),
             "tcp": self.tcp.snapshot(now),
             "cluster": self.cluster.snapshot() if self.cluster is not None else OFF,
+            "speech": self.speech_counters.snapshot(),
         }
 
     def fallback_snapshot(self) -> dict:

@@ -83,4 +83,6 @@ def what_to_try(config: Config, port: int) -> list[str]:
     return [
             f"demo: try  curl -s -XPOST {base}/synthesize-json -d '{{\"text\":\"Hello there.\"}}'",
             f"demo: then curl -s -o hello.wav {base}<the audio_url it answered>",
+            f"demo: or   curl -s -o hello.wav {base}/v1/audio/speech -d '{{\"input\":"
+            f"\"Hello there.\",\"voice\":\"alloy\",\"response_format\":\"wav\"}}'",
             f"demo: and  curl -s {base}/lb-stats ; curl -s {base}/metrics"]

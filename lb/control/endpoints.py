@@ -19,6 +19,8 @@ from ..wire import headers as hdr
 from ..wire.framing import Request
 from .. import __version__
 from . import cluster_service, stats_page, tcp_service
+from . import openai_endpoints
+from ..tts import speech_counters
 from ..tts.cartesia import OUTCOMES
 from ..proxy.phases import FALLBACK_REASONS
 from ..scheduling.health import ADMIN_STATES
@@ -190,6 +192,7 @@ def metrics(balancer: "Balancer", request: Request, peer: str) -> tuple[int, byt
         _histogram(out, name, help_text, metric, balancer.latency)
     tcp_service.metrics(family, stats["tcp"])
     cluster_service.metrics(family, stats["cluster"])
+    speech_counters.metrics(family, stats["speech"])
     return 200, b"text/plain; version=0.0.4; charset=utf-8", ("\n".join(out) + "\n").encode()
 
 
@@ -318,4 +321,7 @@ def route(path: bytes, balancer: "Balancer") -> Route | None:
             return admin, (b"POST",)
         if path.startswith(b"/audio/") and balancer.audio.get(path) is not None:
             return fallback_audio, _READ
+        speech = openai_endpoints.route(path, balancer)
+        if speech is not None:
+            return speech, _READ
     return found

@@ -204,7 +204,7 @@ class Exchange(Streaming, Recovery, Tunnelling):
         if ((why == NO_BACKEND or self.balancer.config.cartesia.spillover)
                 and self._fall_back(503, reason, why)):
             return
-        self._answer_error(503, reason, extra=[(b"retry-after", b"1")])
+        self._answer_error(503, reason, extra=[(b"retry-after", b"1")], code=why)
 
     # --- one attempt
 

@@ -15,6 +15,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from ..tts.openai_speech import DEFAULT_FORMAT, SpeechError, read_speech
+from ..tts.speech_counters import FRONT_DOOR, PASSED_THROUGH, REFUSED
 from ..tts.speech_output import SpeechOutput
 from ..tts.speech_service import Fleet, SpeechCallRun, SpeechCut, SpeechFailure
 from .phases import DONE, SPEECH
@@ -25,7 +26,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("lb")
 
-FRONT_DOOR = "front_door"
+
+
+def _counter(balancer):
+    def fell_back(why: str) -> None:
+        balancer.fallbacks[why] += 1
+    return fell_back
 
 
 def take(ex: "Exchange") -> bool:
@@ -41,6 +47,7 @@ def take(ex: "Exchange") -> bool:
                          "bytes).", code="request_too_large")
         return True
     backends = balancer.scheduler.backends
+    counters = balancer.speech_counters
     try:
         call = read_speech(b"".join(ex._kept), known_voices=plan.known_voices,
                            pass_unknown=speech.pass_unknown_voices,
@@ -48,21 +55,27 @@ def take(ex: "Exchange") -> bool:
                            default_format="wav" if ex.request.path.endswith(b"/stream")
                            else DEFAULT_FORMAT)
         if plan.passes_through(call, backends):
+            counters.calls[PASSED_THROUGH] += 1
             return False
         pieces = plan.pieces(call, backends)
         output = SpeechOutput(call.response_format, sse=call.sse,
                               native=pieces[0].native is not None)
     except SpeechError as exc:
+        counters.calls[REFUSED] += 1
         ex._answer_error(exc.status, exc.message, code=exc.code, param=exc.param)
         return True
+    counters.calls[FRONT_DOOR] += 1
+    if len(pieces) > 1:
+        counters.split_calls += 1
     run = SpeechCallRun(pieces, output,
-                        Fleet(balancer.scheduler, balancer.config, balancer.why_no_backend),
+                        Fleet(balancer.scheduler, balancer.config, balancer.why_no_backend,
+                              fallback=balancer.fallback, fell_back=_counter(balancer),
+                              counters=counters),
                         parallel=speech.split.parallel if len(pieces) > 1 else 1,
                         characters=len(call.text), speed=call.speed,
                         tried=ex.tried, why=ex.why)
     ex._kept = None
     ex.phase = SPEECH
-    ex.served_by = FRONT_DOOR
     ex._deadline.cancel()        # each backend call is bounded by its own timeouts
     ex._fallback_task = balancer.loop.create_task(_serve(ex, run))
     return True
@@ -71,16 +84,20 @@ def take(ex: "Exchange") -> bool:
 async def _serve(ex: "Exchange", run: SpeechCallRun) -> None:
     try:
         await run.run(_ToClient(ex))
+        ex.served_by = run.served_by
     except ClientStalled:
+        ex.served_by = run.served_by
         if ex.phase != DONE:
             ex._abandon(504, f"client read nothing for {ex.balancer.config.timeouts.idle:g}s")
         return
     except SpeechFailure as exc:
+        ex.served_by = run.served_by
         if ex.phase != DONE:
             extra = [(b"retry-after", b"1")] if exc.retry_after else []
             ex._answer_error(exc.status, exc.message, code=exc.code, extra=extra)
         return
     except SpeechCut as exc:
+        ex.served_by = run.served_by
         if ex.phase != DONE:
             ex.note = str(exc)
             ex._finish()

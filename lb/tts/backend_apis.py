@@ -33,6 +33,7 @@ MAX_ERROR_TEXT = 300
 # Documented input limits of the servers (tts-apis.md).
 API_MAX_CHARS = {"chatterbox": 5000, "openai": 3000, "chattts": 2048}
 CHATTERBOX_SPEED = (0.5, 2.0)   # speech_rate's range there
+CARTESIA_SPEED = (0.6, 1.5)     # generation_config.speed's (the fallback)
 
 
 class BackendStatus(Exception):
@@ -47,7 +48,7 @@ class BackendStatus(Exception):
 class Piece:
     """What one backend call must say, before any API's spelling."""
     text: str
-    voice_name: str             # the caller's voice name
+    voice_name: str | None      # the caller's voice name (None: it gave none)
     voice: Voice | None         # what it maps to (None: each API's default)
     speed: float | None         # OpenAI's scale, 0.25-4.0
     fields: dict                # the caller's body (for an OpenAI-style server)
@@ -70,6 +71,8 @@ def applied_speed(api: str, speed: float | None) -> float | None:
         return min(CHATTERBOX_SPEED[1], max(CHATTERBOX_SPEED[0], speed))
     if api == "chattts":
         return _chattts_speed(speed) / 5
+    if api == "cartesia":
+        return min(CARTESIA_SPEED[1], max(CARTESIA_SPEED[0], speed))
     return speed
 
 
@@ -117,7 +120,9 @@ async def _refused(response: BackendResponse) -> BackendStatus:
 async def _openai(backend, piece: Piece, t: Timeouts, answered) -> AsyncIterator[bytes]:
     body = {k: v for k, v in piece.fields.items() if k != "stream_format"}
     body["input"] = piece.text
-    body["voice"] = piece.voice.openai if piece.voice and piece.voice.openai else piece.voice_name
+    voice = piece.voice.openai if piece.voice and piece.voice.openai else piece.voice_name
+    if voice is not None:
+        body["voice"] = voice
     body["response_format"] = piece.native or ("pcm" if "pcm" in backend.cfg.formats else "wav")
     response = await _call(backend, "/v1/audio/speech", body, t)
     answered(response.status)

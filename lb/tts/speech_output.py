@@ -30,6 +30,7 @@ class SpeechOutput:
         self.fmt, self.sse = fmt, sse
         self.content_type = SSE_TYPE if sse else CONTENT_TYPES[fmt]
         self.audio_bytes = 0            # PCM seen (for the usage figures)
+        self._native = native           # the server's own encoded bytes: not PCM
         self._encoder = None
         if fmt not in ("pcm", "wav") and not native:
             from .encoders import StreamEncoder   # FFmpeg: loaded only where it is needed
@@ -38,7 +39,8 @@ class SpeechOutput:
 
     def feed(self, audio: bytes) -> bytes:
         """The caller's bytes for this audio (PCM, or native bytes passed through)."""
-        self.audio_bytes += len(audio)
+        if not self._native:
+            self.audio_bytes += len(audio)
         out = b""
         if not self._started:
             self._started = True
@@ -68,9 +70,11 @@ class SpeechOutput:
         """OpenAI counts tokens; these servers have none: an estimate of the
         input's (about 4 characters a token), and what was made, in seconds."""
         tokens = max(1, round(characters / 4))
-        return {"input_tokens": tokens, "output_tokens": 0, "total_tokens": tokens,
-                "input_characters": characters,
-                "audio_seconds": round(self.audio_bytes / BYTES_PER_SECOND, 3)}
+        usage = {"input_tokens": tokens, "output_tokens": 0, "total_tokens": tokens,
+                 "input_characters": characters}
+        if not self._native:
+            usage["audio_seconds"] = round(self.audio_bytes / BYTES_PER_SECOND, 3)
+        return usage
 
     def _frame(self, data: bytes) -> bytes:
         if not data or not self.sse:

@@ -6,7 +6,10 @@ A piece that fails before any of its audio reached the caller is tried
 again on another backend (up to retry.attempts in all; pieces ahead of the
 one playing have sent nothing, so they can always be); a piece that fails
 after the caller has some of its audio ends the answer visibly: the body is
-cut without its last chunk (SpeechCut), and the log says why.  A call that
+cut without its last chunk (SpeechCut), and the log says why.  Pieces after
+the first wait for a slot at the head of the queue, as retries do, and for
+up to timeouts.first_byte: an answer under way is finished before new calls
+start, rather than cut for a queue deadline.  A call that
 fails before its first byte is a SpeechFailure the proxy answers in OpenAI's
 error shape.
 """
@@ -16,11 +19,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from .backend_apis import BackendStatus, Piece, Timeouts, applied_speed, synthesize
 from .backend_http import BackendFailure
+from .speech_counters import SpeechCounters
+from .speech_fallback import CARTESIA, FELL_BACK_FAILED, cartesia_piece, fallback_reason
 from .speech_output import SpeechOutput
 from .speech_plan import api_of
 from .speech_slots import NO_SLOT_QUEUE_TIMEOUT, Attempt, NoSlot, take_slot
@@ -48,10 +53,13 @@ class Fleet:
     scheduler: object
     config: object              # config_model.Config
     why_no_backend: Callable[[], str]
+    fallback: object = None     # fallback.Fallback, when Cartesia is configured
+    fell_back: Callable[[str], None] = lambda why: None   # counts a piece sent there
+    counters: SpeechCounters = field(default_factory=SpeechCounters)
 
 
 class _PieceState:
-    __slots__ = ("piece", "chunks", "done", "error", "sent", "api")
+    __slots__ = ("piece", "chunks", "done", "error", "sent", "api", "served_by")
 
     def __init__(self, piece: Piece):
         self.piece = piece
@@ -60,6 +68,7 @@ class _PieceState:
         self.error: Exception | None = None
         self.sent = False           # some of its audio has gone to the caller
         self.api = ""               # of the backend serving it
+        self.served_by = ""         # that backend's name, or "cartesia"
 
 
 class SpeechCallRun:
@@ -118,10 +127,16 @@ class SpeechCallRun:
                 raise error
             raise SpeechFailure(502, str(error), "backend_error")
         reason = (error.message if isinstance(error, SpeechFailure) else str(error))
+        self.fleet.counters.cut += 1
         log.warning("speech call cut after audio was sent: piece %d of %d failed: %s",
                     index + 1, len(self.states), reason)
         raise SpeechCut(f"piece {index + 1} of {len(self.states)} failed after audio was "
                         f"sent: {reason}")
+
+    @property
+    def served_by(self) -> str:
+        """Who made the first audio (the access log's and the latency's backend)."""
+        return self.states[0].served_by
 
     def _headers(self) -> list[tuple[bytes, bytes]]:
         headers = [(b"content-type", self.output.content_type),
@@ -131,6 +146,8 @@ class SpeechCallRun:
             applied = applied_speed(self.states[0].api or "openai", self.speed)
             headers.append((b"x-tts-speed-applied",
                             b"false" if applied is None else f"{applied:g}".encode("ascii")))
+        if self.states[0].served_by == CARTESIA:
+            headers.append((b"x-tts-fallback", b"cartesia"))
         return headers
 
     def _launch(self, playing: int) -> None:
@@ -155,25 +172,43 @@ class SpeechCallRun:
             self._changed.set()
 
     async def _synthesize(self, state: _PieceState) -> None:
+        why = await self._on_backends(state)
+        if why and not state.sent and self.fleet.fallback is not None:
+            await cartesia_piece(self.fleet, state, why, self._changed)
+
+    async def _on_backends(self, state: _PieceState) -> str:
+        """Serve the piece from the fleet; "" when done (or failed for good),
+        else why the Cartesia fallback may take it (exchange's rules)."""
         cfg = self.fleet.config
         scheduler = self.fleet.scheduler
         attempts = max(1, cfg.retry.attempts)
         tried: set[str] = set()
+        # A later piece is part of an answer under way: it waits at the head
+        # of the queue (as a retry does), and as long as a backend may take
+        # to answer, since timing out would cut audio the caller is playing.
+        later = state is not self.states[0]
+        queue_timeout = cfg.balancer.queue_timeout
+        if later:
+            queue_timeout = max(queue_timeout, cfg.timeouts.first_byte)
         for n in range(attempts):
+            if n:
+                self.fleet.counters.piece_retries += 1
             try:
-                backend = await take_slot(scheduler, frozenset(tried), retry=n > 0,
-                                          queue_timeout=cfg.balancer.queue_timeout,
+                backend = await take_slot(scheduler, frozenset(tried), retry=later or n > 0,
+                                          queue_timeout=queue_timeout,
                                           why_none=self.fleet.why_no_backend)
             except NoSlot as exc:
                 status = 503
                 reason = exc.reason + (f" (after {'; '.join(self.why)})" if self.why else "")
                 code = "queue_timeout" if exc.why == NO_SLOT_QUEUE_TIMEOUT else exc.why
                 state.error = SpeechFailure(status, reason, code, retry_after=True)
-                return
+                return fallback_reason(exc.why, cfg.cartesia.spillover)
             tried.add(backend.name)
             self.tried.append(backend.name)
             state.api = api_of(backend)
+            state.served_by = backend.name
             attempt = Attempt(backend, scheduler, cfg.passive.statuses)
+            self.fleet.counters.pieces += 1
             try:
                 async for chunk in synthesize(state.api, backend, state.piece, self._timeouts,
                                               attempt.answered):
@@ -181,7 +216,7 @@ class SpeechCallRun:
                     self._changed.set()
                 attempt.answered(200)
                 state.done = True
-                return
+                return ""
             except BackendStatus as exc:
                 self.why.append(exc.message)
                 if exc.status // 100 == 4:
@@ -189,7 +224,7 @@ class SpeechCallRun:
                     # caller's error (404/405: a server that is not that API).
                     status = 502 if exc.status in (404, 405) else 400
                     state.error = SpeechFailure(status, exc.message, "backend_refused")
-                    return
+                    return ""
                 state.error = SpeechFailure(502, exc.message, "backend_error")
             except BackendFailure as exc:
                 attempt.failed(exc.kind, exc.reason)
@@ -199,8 +234,9 @@ class SpeechCallRun:
             finally:
                 attempt.end()
             if state.sent:
-                return          # the caller has some of it: no second try
+                return ""       # the caller has some of it: no second try
             state.chunks.clear()
             if n + 1 < attempts:
                 state.error = None
                 await asyncio.sleep(cfg.retry.backoff_base * (2 ** n))
+        return FELL_BACK_FAILED
