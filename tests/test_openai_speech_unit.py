@@ -282,3 +282,34 @@ def test_bad_backend_api_keys(entry, key):
     with pytest.raises(ConfigError) as info:
         parse({"backend": [{"name": "a", "url": "http://127.0.0.1:1", **entry}]})
     assert info.value.key == f'backend "a".{key}'
+
+
+# --- what each API is asked
+
+def test_speed_applied_on_each_apis_scale():
+    from lb.tts.backend_apis import applied_speed
+    assert applied_speed("openai", 1.7) == 1.7
+    assert applied_speed("chatterbox", 4.0) == 2.0 and applied_speed("chatterbox", 0.25) == 0.5
+    assert applied_speed("chattts", 1.0) == 1.0 and applied_speed("chattts", 4.0) == 1.8
+    assert applied_speed("chattts", 0.25) == 0.2       # [speed_1]
+    assert applied_speed("cartesia", 3.0) == 1.5
+    assert applied_speed("chatterbox", None) is None
+
+
+@pytest.mark.parametrize("answer,path", [
+    ({"audio_url": "/audio/abc.wav"}, "/audio/abc.wav"),
+    ({"audio_url": "http://10.0.0.5:6093/audio/abc.wav"}, "/audio/abc.wav"),
+])
+def test_chatterbox_audio_url_is_fetched_from_the_same_server(answer, path):
+    from lb.tts.backend_apis import _audio_url
+    assert _audio_url("b0", orjson.dumps(answer)) == path
+
+
+@pytest.mark.parametrize("answer", [b"{}", b"nope", b'{"audio_url": 5}',
+                                    b'{"audio_url": "/a b"}', b'{"audio_url": "audio"}'])
+def test_a_chatterbox_answer_without_a_usable_audio_url_is_the_servers_fault(answer):
+    from lb.tts.backend_apis import _audio_url
+    from lb.tts.backend_http import BackendFailure
+    with pytest.raises(BackendFailure) as info:
+        _audio_url("b0", answer)
+    assert info.value.kind == "bad_response" and "b0" in info.value.reason
