@@ -3,7 +3,7 @@ as 24 kHz mono 16-bit PCM arriving as the server makes it (or, where an
 OpenAI-style server declares the caller's format, that format untouched).
 
     openai      POST /v1/audio/speech {input, voice, response_format "wav"
-                (or the declared one), speed, ...}; a WAV container is
+                (or the declared one), speed, stream true, ...}; a WAV container is
                 stripped on the fly, whatever its header says about size
     chatterbox  POST /synthesize-json {text, speech_rate, voice fields} ->
                 JSON with audio_url; then GET audio_url from the same server,
@@ -119,6 +119,9 @@ async def _refused(response: BackendResponse) -> BackendStatus:
 
 async def _openai(backend, piece: Piece, t: Timeouts, answered) -> AsyncIterator[bytes]:
     body = {k: v for k, v in piece.fields.items() if k != "stream_format"}
+    # Audio as it is made: Kokoro and ChatTTS's example stream on this flag;
+    # servers that do not know it ignore it (travisvn's answers a whole file).
+    body.setdefault("stream", True)
     body["input"] = piece.text
     voice = piece.voice.openai if piece.voice and piece.voice.openai else piece.voice_name
     if voice is not None:
