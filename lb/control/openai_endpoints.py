@@ -1,7 +1,7 @@
 """What OpenAI clients probe, answered by the balancer itself when it has an
 OpenAI front door (a kind = "openai" route): at once, without a backend.
 
-    GET /                  LiveKit's prewarm(); any "is it up" check
+    GET /, /v1/            LiveKit's prewarm(); any "is it up" check
     GET /v1/models         client.models.list(): the model names the routes serve
     GET /v1/models/<id>    one of them (404 in OpenAI's shape otherwise)
     GET /v1/audio/voices   the voice names the routes take
@@ -65,7 +65,9 @@ def voices(balancer: "Balancer", request: "Request", peer: str) -> tuple[int, by
                  for n, mapped in names.items()]})
 
 
-ROUTES = {b"/": root, b"/v1/models": models, b"/v1/audio/voices": voices}
+# LiveKit's prewarm() GETs "/" relative to its base_url, ".../v1": "/v1/".
+ROUTES = {b"/": root, b"/v1": root, b"/v1/": root, b"/v1/models": models,
+          b"/v1/audio/voices": voices}
 
 
 def route(path: bytes, balancer: "Balancer"):

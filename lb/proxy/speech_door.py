@@ -41,7 +41,7 @@ def take(ex: "Exchange") -> bool:
     if plan is None:
         return False
     speech = plan.speech
-    if not ex._request_ended or ex._kept is None:
+    if ex._kept is None or (ex.request.has_body and not ex._request_ended):
         ex._answer_error(413, "The request body is too large for a speech call "
                          f"(over retry.replay_max_bytes, {balancer.config.retry.replay_max_bytes} "
                          "bytes).", code="request_too_large")

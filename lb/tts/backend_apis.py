@@ -21,6 +21,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
+import base64
+import re
+
 import orjson
 
 from ..config_model import Voice
@@ -29,6 +32,8 @@ from .wav_stream import SampleAligner, WavError, WavStripper
 from .zip_stream import ZipFirstEntry, ZipStreamError
 
 MAX_JSON_ANSWER = 1 << 20
+MAX_SSE_EVENT = 4 << 20          # one event's bytes (a delta of ~80 s of audio)
+_EVENT_END = re.compile(rb"\r?\n\r?\n")
 MAX_ERROR_TEXT = 300
 # Documented input limits of the servers (tts-apis.md).
 API_MAX_CHARS = {"chatterbox": 5000, "openai": 3000, "chattts": 2048}
@@ -118,7 +123,9 @@ async def _refused(response: BackendResponse) -> BackendStatus:
 
 
 async def _openai(backend, piece: Piece, t: Timeouts, answered) -> AsyncIterator[bytes]:
-    body = {k: v for k, v in piece.fields.items() if k != "stream_format"}
+    # The caller's model names OpenAI's (gpt-4o-mini-tts, tts-1): the server's
+    # own default is what it has; its other fields go as they came.
+    body = {k: v for k, v in piece.fields.items() if k not in ("stream_format", "model")}
     # Audio as it is made: Kokoro and ChatTTS's example stream on this flag;
     # servers that do not know it ignore it (travisvn's answers a whole file).
     body.setdefault("stream", True)
@@ -126,7 +133,11 @@ async def _openai(backend, piece: Piece, t: Timeouts, answered) -> AsyncIterator
     voice = piece.voice.openai if piece.voice and piece.voice.openai else piece.voice_name
     if voice is not None:
         body["voice"] = voice
-    body["response_format"] = piece.native or ("pcm" if "pcm" in backend.cfg.formats else "wav")
+    declared = backend.cfg.formats
+    body["response_format"] = piece.native or ("pcm" if "pcm" in declared else "wav")
+    if "sse" in declared and not piece.native:
+        # Its streaming form (travisvn's only one): PCM deltas as each chunk is made.
+        body["stream_format"], body["response_format"] = "sse", "pcm"
     response = await _call(backend, "/v1/audio/speech", body, t)
     answered(response.status)
     if response.status // 100 != 2:
@@ -134,6 +145,9 @@ async def _openai(backend, piece: Piece, t: Timeouts, answered) -> AsyncIterator
     try:
         if piece.native:
             async for chunk in response.chunks():
+                yield chunk
+        elif response.content_type == "text/event-stream":
+            async for chunk in _sse_pcm(response.name, response.chunks()):
                 yield chunk
         elif response.content_type in ("audio/pcm", "audio/l16", "application/octet-stream"):
             async for chunk in _aligned(response.chunks()):
@@ -263,3 +277,30 @@ async def _aligned(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         pcm = aligner.feed(chunk)
         if pcm:
             yield pcm
+
+
+async def _sse_pcm(name: str, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The PCM of an OpenAI-style SSE answer: each speech.audio.delta's base64
+    `audio` (or `delta`), as the events arrive; other events are skipped."""
+    aligner = SampleAligner()
+    pending = b""
+    async for chunk in chunks:
+        pending += chunk
+        if len(pending) > MAX_SSE_EVENT:
+            raise BackendFailure("bad_response", f"backend {name} sent an SSE event over "
+                                 f"{MAX_SSE_EVENT} bytes")
+        *events, pending = _EVENT_END.split(pending)
+        for event in events:
+            for line in event.splitlines():
+                if not line.startswith(b"data:"):
+                    continue
+                try:
+                    doc = orjson.loads(line[5:])
+                    audio = (base64.b64decode(doc.get("audio") or doc.get("delta") or "")
+                             if doc.get("type") == "speech.audio.delta" else b"")
+                except (orjson.JSONDecodeError, AttributeError, ValueError, TypeError):
+                    raise BackendFailure("bad_response", f"backend {name} sent an SSE "
+                                         "event that is not speech JSON") from None
+                pcm = aligner.feed(audio)
+                if pcm:
+                    yield pcm

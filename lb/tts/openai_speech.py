@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import orjson
 
 OPENAI_VOICES = ("alloy", "ash", "ballad", "coral", "echo", "fable", "nova", "onyx",
-                 "sage", "shimmer", "verse")
+                 "sage", "shimmer", "verse", "marin", "cedar")   # the SDK's, Pipecat's
 RESPONSE_FORMATS = ("mp3", "opus", "aac", "flac", "wav", "pcm")
 DEFAULT_FORMAT = "mp3"          # OpenAI's, when the caller names none
 SPEED_MIN, SPEED_MAX = 0.25, 4.0

@@ -6,10 +6,11 @@ A piece that fails before any of its audio reached the caller is tried
 again on another backend (up to retry.attempts in all; pieces ahead of the
 one playing have sent nothing, so they can always be); a piece that fails
 after the caller has some of its audio ends the answer visibly: the body is
-cut without its last chunk (SpeechCut), and the log says why.  Pieces after
-the first wait for a slot at the head of the queue, as retries do, and for
-up to timeouts.first_byte: an answer under way is finished before new calls
-start, rather than cut for a queue deadline.  A call that
+cut without its last chunk (SpeechCut), and the log says why.  The first piece
+queues as any call does; once it has its slot the call is under way, and
+the later pieces wait for theirs at the head of the queue, as retries do,
+for up to timeouts.first_byte: an answer under way is finished before new
+calls start, rather than cut for a queue deadline.  A call that
 fails before its first byte is a SpeechFailure the proxy answers in OpenAI's
 error shape.
 """
@@ -84,6 +85,7 @@ class SpeechCallRun:
         self._changed = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self._running = 0
+        self._admitted = False      # the first piece has its slot: the call is under way
         cfg = fleet.config
         self._timeouts = Timeouts(connect=cfg.timeouts.connect,
                                   first_byte=cfg.timeouts.first_byte, idle=cfg.timeouts.idle,
@@ -153,6 +155,8 @@ class SpeechCallRun:
     def _launch(self, playing: int) -> None:
         """Start pieces while slots (split.parallel) and the window allow."""
         limit = min(len(self.states), playing + AHEAD * self.parallel)
+        if not self._admitted:
+            limit = 1   # the rest wait for the call to be admitted (see _on_backends)
         while self._running < self.parallel and len(self._tasks) < limit:
             state = self.states[len(self._tasks)]
             self._running += 1
@@ -174,6 +178,7 @@ class SpeechCallRun:
     async def _synthesize(self, state: _PieceState) -> None:
         why = await self._on_backends(state)
         if why and not state.sent and self.fleet.fallback is not None:
+            self._admitted = True
             await cartesia_piece(self.fleet, state, why, self._changed)
 
     async def _on_backends(self, state: _PieceState) -> str:
@@ -205,6 +210,9 @@ class SpeechCallRun:
                 return fallback_reason(exc.why, cfg.cartesia.spillover)
             tried.add(backend.name)
             self.tried.append(backend.name)
+            if not self._admitted:
+                self._admitted = True       # the other pieces may start now
+                self._changed.set()
             state.api = api_of(backend)
             state.served_by = backend.name
             attempt = Attempt(backend, scheduler, cfg.passive.statuses)
