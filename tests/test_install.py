@@ -10,6 +10,7 @@ configuration, the lookup order of configuration files, --print-config,
 from __future__ import annotations
 
 import http.client
+import json
 import importlib.metadata
 import importlib.util
 import os
@@ -246,9 +247,12 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def demo(installed, tmp_path_factory):
     config = tmp_path_factory.mktemp("demo") / "demo.toml"
-    _config(config, backends=[("gpu0", f"http://127.0.0.1:{_free_port()}"),
-                              ("gpu1", f"http://127.0.0.1:{_free_port()}")],
-            extra='[[route]]\npath = "/synthesize-json"\nkind = "chatterbox"\n')
+    # As the shipped file: two Chatterbox servers, their own route and the OpenAI door.
+    config.write_text('[listen]\naddress = "127.0.0.1:0"\n' + "".join(
+        f'[[backend]]\nname = "gpu{i}"\nurl = "http://127.0.0.1:{_free_port()}"\n'
+        'api = "chatterbox"\n' for i in range(2))
+        + '[[route]]\npath = "/synthesize-json"\nkind = "chatterbox"\n'
+        + '[[route]]\npath = "/v1/audio/speech"\nkind = "openai"\n')
     lb = _start(installed, "--demo", "-c", str(config))
     try:
         port = _port(lb)
@@ -263,11 +267,18 @@ def test_demo_from_an_empty_directory_answers_a_chatterbox_round_trip(demo):
     assert len([line for line in lines if "demo backend gpu" in line and " started: " in line]) == 2
     listening = next(i for i, line in enumerate(lines) if "listening on" in line)
     tries = [i for i, line in enumerate(lines) if "demo: " in line]
-    assert len(tries) == 3 and min(tries) > listening, "\n".join(lines)
+    assert len(tries) == 4 and min(tries) > listening, "\n".join(lines)
     conn = http.client.HTTPConnection("127.0.0.1", demo.port, timeout=10)
     try:
         _, audio = two_step_call(conn, "Hello there.")
         assert audio[:4] == b"RIFF" and audio[8:12] == b"WAVE"
+        # The same Chatterbox servers through the OpenAI door (the demo's third line).
+        conn.request("POST", "/v1/audio/speech", json.dumps(
+            {"input": "Hello there.", "voice": "alloy", "response_format": "wav"}))
+        reply = conn.getresponse()
+        audio = reply.read()
+        assert reply.status == 200 and reply.getheader("content-type") == "audio/wav"
+        assert audio[:4] == b"RIFF" and audio[8:12] == b"WAVE" and len(audio) > 44
     finally:
         conn.close()
 

@@ -209,7 +209,7 @@ def test_a_reload_keeps_the_counts_of_kept_series_and_adds_new_ones_at_zero(
     backends = [Backend(), Backend()]
     processes.extend(backends)
     lb = start([backends[0].url])
-    assert call(lb.port, "GET", "/")[0] == 200
+    assert call(lb.port, "GET", "/hello")[0] == 200
     assert Scrape(lb.port).value("tts_lb_request_duration_seconds_count",
                                  backend="b0", kind="other") == 1
     config = tmp_path / "lb0.toml"     # what start() wrote; now with a second backend
@@ -242,11 +242,11 @@ def test_route_kind_label_and_requests_with_no_backend(start, processes):
     first.start()
     wait_until(lambda: get_json(lb.port, "/lb-stats")["backends"][0]["in_flight"] == 1,
                what="the slot taken")
-    second = threading.Thread(target=hold, args=("second", "/"))
+    second = threading.Thread(target=hold, args=("second", "/hello"))
     second.start()
     wait_until(lambda: get_json(lb.port, "/lb-stats")["queue"]["length"] == 1,
                what="one request queued")
-    status, body = call(lb.port, "GET", "/")            # the queue is full: 503 at once
+    status, body = call(lb.port, "GET", "/hello")            # the queue is full: 503 at once
     assert status == 503, body
     first.join(15)
     second.join(15)
@@ -361,7 +361,7 @@ def test_failures_and_abandoned_attempts_add_up_and_the_page_escapes_them(start,
                    balancer={"policy": "round_robin", "slow_start": 0},
                    **{"health.passive": {"consecutive_failures": 0}})
         for i in range(4):   # round robin: every other one tries the bad backend first
-            status, _ = call(lb.port, "GET", "/", headers={"X-Request-ID": f"try-{i}"})
+            status, _ = call(lb.port, "GET", "/hello", headers={"X-Request-ID": f"try-{i}"})
             assert status == 200
         # A client that gives up while the backend works: an abandoned attempt.
         sock = connect(lb.port)

@@ -80,9 +80,12 @@ def what_to_try(config: Config, port: int) -> list[str]:
     host = ("127.0.0.1" if host in ("0.0.0.0", "") else "[::1]" if host == "::" else
             f"[{host}]" if ":" in host else host)
     base = f"http://{host}:{port}"
+    door = next((r.path for r in config.routes if r.speech is not None), None)
+    openai = [f"demo: or   curl -s -o hello.wav {base}{door} -d '{{\"input\":"
+              f"\"Hello there.\",\"voice\":\"alloy\",\"response_format\":\"wav\"}}'"] \
+        if door else []
     return [
             f"demo: try  curl -s -XPOST {base}/synthesize-json -d '{{\"text\":\"Hello there.\"}}'",
             f"demo: then curl -s -o hello.wav {base}<the audio_url it answered>",
-            f"demo: or   curl -s -o hello.wav {base}/v1/audio/speech -d '{{\"input\":"
-            f"\"Hello there.\",\"voice\":\"alloy\",\"response_format\":\"wav\"}}'",
+            *openai,
             f"demo: and  curl -s {base}/lb-stats ; curl -s {base}/metrics"]
