@@ -217,18 +217,27 @@ async def _one_call(conn: HTTPConn, text: str, timeout: float) -> Call:
             call.audio_s = (float(duration) if isinstance(duration, (int, float)) and duration > 0
                             else (nbytes - 44) / 48000)
             return call
-    except TimeoutError:
-        call.error = "timeout"
-    except asyncio.IncompleteReadError:
-        call.error = "connection closed mid-answer"
-    except ConnectionRefusedError:
-        call.error = "connection refused"
-    except (ConnectionError, OSError) as exc:
-        call.error = f"connection: {type(exc).__name__}"
-    except ProtocolError as exc:
-        call.error = f"protocol: {exc}"
+    except CALL_ERRORS as exc:
+        call.error = call_error(exc)
     conn.close()
     return call
+
+
+CALL_ERRORS = (TimeoutError, asyncio.IncompleteReadError, ConnectionError, OSError,
+               ProtocolError)
+
+
+def call_error(exc: BaseException) -> str:
+    """How a failed call is reported (one of CALL_ERRORS)."""
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, asyncio.IncompleteReadError):
+        return "connection closed mid-answer"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, ProtocolError):
+        return f"protocol: {exc}"
+    return f"connection: {type(exc).__name__}"
 
 
 async def drive(load: Load, tick=None) -> None:

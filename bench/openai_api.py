@@ -28,7 +28,7 @@ from pathlib import Path
 
 import orjson
 
-from bench.callers import Call, HTTPConn, Load, ProtocolError, summarize_calls
+from bench.callers import CALL_ERRORS, Call, HTTPConn, Load, call_error, summarize_calls
 from bench.fleet import (fleet_stats, recovery_timeout, reset_fleet, secs, start_fleet,
                          wait_ready)
 from bench.processes import HOST, BenchError, Service, Services
@@ -155,16 +155,8 @@ async def _speech_call(conn: HTTPConn, body: bytes, timeout: float) -> SpeechCal
         call.latency, call.ttfa = end - call.started, first - call.started
         call.audio_s = nbytes / PCM_BYTES_PER_S
         return call
-    except TimeoutError:
-        call.error = "timeout"
-    except asyncio.IncompleteReadError:
-        call.error = "connection closed mid-answer"
-    except ConnectionRefusedError:
-        call.error = "connection refused"
-    except (ConnectionError, OSError) as exc:
-        call.error = f"connection: {type(exc).__name__}"
-    except ProtocolError as exc:
-        call.error = f"protocol: {exc}"
+    except CALL_ERRORS as exc:
+        call.error = call_error(exc)
     conn.close()
     return call
 

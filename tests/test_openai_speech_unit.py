@@ -313,3 +313,8 @@ def test_a_chatterbox_answer_without_a_usable_audio_url_is_the_servers_fault(ans
     with pytest.raises(BackendFailure) as info:
         _audio_url("b0", answer)
     assert info.value.kind == "bad_response" and "b0" in info.value.reason
+
+
+def test_a_custom_voice_object_names_its_voice():
+    assert read({"input": "Hi", "voice": {"id": "nova"}}).voice == "nova"
+    assert refused({"input": "Hi", "voice": {"name": "nova"}}).param == "voice"

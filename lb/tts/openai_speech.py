@@ -78,6 +78,8 @@ def read_speech(body: bytes, *, known_voices: tuple[str, ...], pass_unknown: boo
         raise SpeechError(f"'input' is {len(text)} characters; at most {max_input} are "
                           "allowed.", param="input", code="string_above_max_length")
     voice = fields.get("voice")
+    if isinstance(voice, dict) and isinstance(voice.get("id"), str):
+        voice = voice["id"]     # the SDK's custom-voice form, {"id": "..."}
     if voice is not None and (not isinstance(voice, str) or not voice):
         raise SpeechError("'voice' must be a non-empty string.", param="voice",
                           code="invalid_type")
