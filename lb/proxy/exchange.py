@@ -110,7 +110,8 @@ class Exchange(Streaming, Recovery, Tunnelling):
         self.pinned = balancer.affinity_for(path)   # the backend holding this audio file
         self._fallback_task: asyncio.Task | None = None
         self.fallback_reason = ""             # why the fleet could not serve it
-        self.served_by = ""                   # "cartesia" when the fallback answered
+        self.served_by = ""                   # "cartesia" when the fallback answered; for
+                                              # the front door, who made the first audio
         self._drained: asyncio.Future | None = None
         self._peek: bytearray | None = None   # a two-step JSON answer, read for audio_url
         self._fallback = None                 # the Fallback this call was handed to

@@ -27,13 +27,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("lb")
 
 
-
-def _counter(balancer):
-    def fell_back(why: str) -> None:
-        balancer.fallbacks[why] += 1
-    return fell_back
-
-
 def take(ex: "Exchange") -> bool:
     """True if the front door answers this call (or refused it); False: proxy it."""
     balancer = ex.balancer
@@ -81,36 +74,38 @@ def take(ex: "Exchange") -> bool:
     return True
 
 
+def _counter(balancer):
+    """Counts a piece handed to Cartesia with the proxy's fallbacks (by reason)."""
+    def fell_back(why: str) -> None:
+        balancer.fallbacks[why] += 1
+    return fell_back
+
+
 async def _serve(ex: "Exchange", run: SpeechCallRun) -> None:
+    failure: Exception | None = None
     try:
         await run.run(_ToClient(ex))
-        ex.served_by = run.served_by
-    except ClientStalled:
-        ex.served_by = run.served_by
-        if ex.phase != DONE:
-            ex._abandon(504, f"client read nothing for {ex.balancer.config.timeouts.idle:g}s")
-        return
-    except SpeechFailure as exc:
-        ex.served_by = run.served_by
-        if ex.phase != DONE:
-            extra = [(b"retry-after", b"1")] if exc.retry_after else []
-            ex._answer_error(exc.status, exc.message, code=exc.code, extra=extra)
-        return
-    except SpeechCut as exc:
-        ex.served_by = run.served_by
-        if ex.phase != DONE:
-            ex.note = str(exc)
-            ex._finish()
-            ex.client.abort_response()
-        return
+    except (ClientStalled, SpeechFailure, SpeechCut) as exc:
+        failure = exc
     except asyncio.CancelledError:
         raise
     except Exception as exc:   # a bug must not leave the caller hanging
         log.exception("speech call %s failed", ex.request_id)
-        if ex.phase != DONE:
-            ex._abandon(500, f"the front door failed ({type(exc).__name__})")
-        return
+        failure = exc
+    ex.served_by = run.served_by     # for the access log and the latency figures
     if ex.phase == DONE:
         return
-    ex._finish()
-    ex.client.send_end()
+    if failure is None:
+        ex._finish()
+        ex.client.send_end()
+    elif isinstance(failure, SpeechFailure):
+        extra = [(b"retry-after", b"1")] if failure.retry_after else []
+        ex._answer_error(failure.status, failure.message, code=failure.code, extra=extra)
+    elif isinstance(failure, SpeechCut):
+        ex.note = str(failure)
+        ex._finish()
+        ex.client.abort_response()
+    elif isinstance(failure, ClientStalled):
+        ex._abandon(504, f"client read nothing for {ex.balancer.config.timeouts.idle:g}s")
+    else:
+        ex._abandon(500, f"the front door failed ({type(failure).__name__})")

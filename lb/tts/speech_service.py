@@ -203,10 +203,9 @@ class SpeechCallRun:
                                           queue_timeout=queue_timeout,
                                           why_none=self.fleet.why_no_backend)
             except NoSlot as exc:
-                status = 503
                 reason = exc.reason + (f" (after {'; '.join(self.why)})" if self.why else "")
                 code = "queue_timeout" if exc.why == NO_SLOT_QUEUE_TIMEOUT else exc.why
-                state.error = SpeechFailure(status, reason, code, retry_after=True)
+                state.error = SpeechFailure(503, reason, code, retry_after=True)
                 return fallback_reason(exc.why, cfg.cartesia.spillover)
             tried.add(backend.name)
             self.tried.append(backend.name)
