@@ -318,3 +318,20 @@ def test_a_chatterbox_answer_without_a_usable_audio_url_is_the_servers_fault(ans
 def test_a_custom_voice_object_names_its_voice():
     assert read({"input": "Hi", "voice": {"id": "nova"}}).voice == "nova"
     assert refused({"input": "Hi", "voice": {"name": "nova"}}).param == "voice"
+
+
+def test_audio_at_another_rate_is_the_servers_fault():
+    import asyncio
+    from lb.tts.backend_apis import _strip_wav
+    from lb.tts.backend_http import BackendFailure
+    from lb.tts.wav_stream import pcm_to_wav_header
+
+    async def chunks():
+        yield pcm_to_wav_header(22050, 1, 400) + b"\x00" * 400
+
+    async def read():
+        return [c async for c in _strip_wav("b0", chunks())]
+
+    with pytest.raises(BackendFailure) as info:
+        asyncio.run(read())
+    assert "22050 Hz" in info.value.reason and info.value.kind == "bad_response"

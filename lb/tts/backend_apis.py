@@ -37,6 +37,7 @@ _EVENT_END = re.compile(rb"\r?\n\r?\n")
 MAX_ERROR_TEXT = 300
 # Documented input limits of the servers (tts-apis.md).
 API_MAX_CHARS = {"chatterbox": 5000, "openai": 3000, "chattts": 2048}
+SAMPLE_RATE = 24000             # of every local model's audio (tts-apis.md)
 CHATTERBOX_SPEED = (0.5, 2.0)   # speech_rate's range there
 CARTESIA_SPEED = (0.6, 1.5)     # generation_config.speed's (the fallback)
 
@@ -252,17 +253,25 @@ def _decoder_for(name: str, entry: str) -> Callable[[bytes | None], bytes]:
             if data is None:
                 stripper.finish()
                 return b""
-            return stripper.feed(data)
+            return _as_expected(name, stripper, stripper.feed(data))
         except WavError as exc:
             raise BackendFailure("bad_response", f"backend {name}: {exc}") from None
     return strip
+
+
+def _as_expected(name: str, stripper: WavStripper, pcm: bytes) -> bytes:
+    """`pcm`, once the header said 24 kHz mono (what every answer here is made of)."""
+    if stripper.format_known and (stripper.sample_rate, stripper.channels) != (SAMPLE_RATE, 1):
+        raise BackendFailure("bad_response", f"backend {name} sent {stripper.sample_rate} Hz, "
+                             f"{stripper.channels}-channel audio; 24000 Hz mono is expected")
+    return pcm
 
 
 async def _strip_wav(name: str, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     stripper = WavStripper()
     try:
         async for chunk in chunks:
-            pcm = stripper.feed(chunk)
+            pcm = _as_expected(name, stripper, stripper.feed(chunk))
             if pcm:
                 yield pcm
         stripper.finish()
