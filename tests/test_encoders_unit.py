@@ -17,7 +17,8 @@ from hypothesis import given, settings, strategies as st  # noqa: E402
 
 from lb.tts import encoders  # noqa: E402
 from lb.tts.encoders import (  # noqa: E402
-    CONTENT_TYPES, ENCODED_FORMATS, StreamDecoder, StreamEncoder, available)
+    ENCODED_FORMATS, StreamDecoder, StreamEncoder, available)
+from lb.tts.speech_output import CONTENT_TYPES  # noqa: E402
 
 RATE = 24000
 # What each format's demuxer and decoder call themselves (ADTS demuxes as "aac").

@@ -26,7 +26,8 @@ head on, whatever the phase: past it, 408.
 
 from __future__ import annotations
 
-from ..scheduling.scheduler import NO_BACKEND, QUEUE_FULL
+from ..scheduling.scheduler import NO_BACKEND, QUEUE_FULL, QUEUE_TIMEOUT
+from ..tts.fallback import FALLBACK_FAILED
 
 QUEUED, CONNECTING, SENDING, WAITING, RECEIVING, BACKOFF, FALLBACK, DONE, BUFFERING, TUNNEL, \
     SPEECH = range(11)
@@ -49,6 +50,4 @@ CONNECT_BACKSTOP = 1.0
 
 # Why a call went to Cartesia (balancer.fallbacks; /metrics shows each from
 # the start), besides status_reason(NNN) for a backend's 5xx answer.
-QUEUE_TIMEOUT = "queue_timeout"
-FALLBACK_FAILED = "failed"        # the last attempt failed with no response
 FALLBACK_REASONS = (NO_BACKEND, QUEUE_FULL, QUEUE_TIMEOUT, FALLBACK_FAILED)

@@ -47,6 +47,7 @@ log = logging.getLogger("lb")
 
 QUEUE_FULL = "queue_full"
 NO_BACKEND = "no_backend"
+QUEUE_TIMEOUT = "queue_timeout"   # a waiter the caller gave up on (cancel(timed_out=True))
 
 
 class Waiter(Protocol):

@@ -28,6 +28,7 @@ import orjson
 
 from ..config_model import Voice
 from .backend_http import BackendFailure, BackendResponse, request
+from .translate import SAMPLE_RATE, clamp_speed
 from .wav_stream import SampleAligner, WavError, WavStripper
 from .zip_stream import ZipFirstEntry, ZipStreamError
 
@@ -37,9 +38,7 @@ _EVENT_END = re.compile(rb"\r?\n\r?\n")
 MAX_ERROR_TEXT = 300
 # Documented input limits of the servers (tts-apis.md).
 API_MAX_CHARS = {"chatterbox": 5000, "openai": 3000, "chattts": 2048}
-SAMPLE_RATE = 24000             # of every local model's audio (tts-apis.md)
 CHATTERBOX_SPEED = (0.5, 2.0)   # speech_rate's range there
-CARTESIA_SPEED = (0.6, 1.5)     # generation_config.speed's (the fallback)
 
 
 class BackendStatus(Exception):
@@ -78,7 +77,7 @@ def applied_speed(api: str, speed: float | None) -> float | None:
     if api == "chattts":
         return _chattts_speed(speed) / 5
     if api == "cartesia":
-        return min(CARTESIA_SPEED[1], max(CARTESIA_SPEED[0], speed))
+        return clamp_speed(speed)
     return speed
 
 

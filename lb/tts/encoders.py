@@ -37,8 +37,6 @@ except ImportError:             # the balancer still serves wav/pcm without it
     av = None
 
 ENCODED_FORMATS = ("mp3", "opus", "aac", "flac")
-CONTENT_TYPES = {"mp3": "audio/mpeg", "opus": "audio/opus", "aac": "audio/aac",
-                 "flac": "audio/flac", "wav": "audio/wav", "pcm": "audio/pcm"}
 
 # One Ogg page per ~100 ms of opus: measured page overhead ~6 % at 32 kb/s
 # (~2 % at FFmpeg's 1 s pages, which would hold the first second back).

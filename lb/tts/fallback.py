@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import base64
 import io
-import struct
 import time
 import uuid
 import zipfile
@@ -31,12 +30,15 @@ import orjson
 
 from . import translate as tr
 from .cartesia import CartesiaClient, CartesiaError
+from .speech_output import event as sse_event
+from .wav_stream import pcm_to_wav_header
 from ..config_model import Cartesia
 from ..scheduling.expiring import ExpiringMap
 
 BYTES_PER_SECOND = tr.SAMPLE_RATE * 2          # 16-bit mono
 MAX_BUFFERED_AUDIO = 32 * 1024 * 1024          # a whole-file answer kept in memory (~11 min)
 FALLBACK_HEADER = (b"x-tts-fallback", b"cartesia")
+FALLBACK_FAILED = "failed"   # why a call went there: its last attempt failed with no response
 
 
 class Output(Protocol):
@@ -49,13 +51,7 @@ class Output(Protocol):
 def wav_header(data_bytes: int | None) -> bytes:
     """A 44-byte WAV header for 24 kHz mono 16-bit PCM; None: the streaming
     form with sizes set to "unknown", as the OpenAI-style servers send."""
-    if data_bytes is None:
-        riff, data = 0x7FFFFFFF - 36, 0xFFFFFFFF
-    else:
-        riff, data = 36 + data_bytes, data_bytes
-    return (b"RIFF" + struct.pack("<I", riff) + b"WAVEfmt "
-            + struct.pack("<IHHIIHH", 16, 1, 1, tr.SAMPLE_RATE, BYTES_PER_SECOND, 2, 16)
-            + b"data" + struct.pack("<I", data))
+    return pcm_to_wav_header(tr.SAMPLE_RATE, 1, data_bytes)
 
 
 class Fallback:
@@ -116,13 +112,13 @@ class Fallback:
             pcm = carry + chunk
             whole = len(pcm) - len(pcm) % 2
             carry = pcm[whole:]
-            return _sse_event({"type": "speech.audio.delta",
+            return sse_event({"type": "speech.audio.delta",
                                "audio": base64.b64encode(pcm[:whole]).decode("ascii")})
 
-        info = _sse_event({"type": "speech.audio.info", "sample_rate": tr.SAMPLE_RATE,
+        info = sse_event({"type": "speech.audio.info", "sample_rate": tr.SAMPLE_RATE,
                            "channels": 1, "bits_per_sample": 16})
         await self._stream(call, out, deadline, b"text/event-stream", event, preamble=info)
-        out.data(_sse_event({"type": "speech.audio.done",
+        out.data(sse_event({"type": "speech.audio.done",
                              "usage": {"input_characters": call.characters}}))
 
     async def _pcm(self, call, text: str, deadline: float) -> bytes:
@@ -165,7 +161,3 @@ class Fallback:
         out.head(200, [(b"content-type", b"application/zip"),
                        (b"content-length", str(len(body)).encode("ascii")), FALLBACK_HEADER])
         out.data(body)
-
-
-def _sse_event(obj: dict) -> bytes:
-    return b"data: " + orjson.dumps(obj) + b"\n\n"

@@ -14,21 +14,16 @@ import time
 from contextlib import aclosing
 
 from . import translate as tr
+from ..scheduling.scheduler import NO_BACKEND
 from .cartesia import CartesiaError
 from .wav_stream import SampleAligner
 
 CARTESIA = "cartesia"
-# Why a call went to Cartesia: the same words as proxy.phases (the
-# fallbacks_total{reason} figures count both kinds of call together).
-FELL_BACK_NO_BACKEND = "no_backend"
-FELL_BACK_QUEUE_FULL = "queue_full"
-FELL_BACK_QUEUE_TIMEOUT = "queue_timeout"
-FELL_BACK_FAILED = "failed"
 
 
 def fallback_reason(no_slot_why: str, spillover: bool) -> str:
     """Why Cartesia may take a piece no backend took ("" : it may not)."""
-    if no_slot_why == FELL_BACK_NO_BACKEND:
+    if no_slot_why == NO_BACKEND:
         return no_slot_why
     return no_slot_why if spillover else ""
 
@@ -44,9 +39,8 @@ async def cartesia_piece(fleet, state, why: str, changed) -> None:
         return
     piece = state.piece
     cfg = fallback.cfg
-    speed = (None if piece.speed is None
-             else min(tr.SPEED_MAX, max(tr.SPEED_MIN, round(piece.speed, 3))))
-    call = tr.Synthesis("openai", (piece.text,), piece.voice_name, speed, tr.WAV_STREAM, {})
+    call = tr.Synthesis("openai", (piece.text,), piece.voice_name,
+                        tr.clamp_speed(piece.speed), tr.WAV_STREAM, {})
     body = tr.cartesia_request(call, piece.text, model_id=cfg.model_id, language=cfg.language,
                                voice_id=tr.voice_id(cfg.voices, piece.voice_name),
                                container="raw")

@@ -16,9 +16,9 @@ import base64
 
 import orjson
 
+from .translate import SAMPLE_RATE
 from .wav_stream import pcm_to_wav_header
 
-SAMPLE_RATE = 24000
 BYTES_PER_SECOND = SAMPLE_RATE * 2
 CONTENT_TYPES = {"mp3": b"audio/mpeg", "opus": b"audio/opus", "aac": b"audio/aac",
                  "flac": b"audio/flac", "wav": b"audio/wav", "pcm": b"audio/pcm"}

@@ -26,10 +26,11 @@ from typing import Callable
 from .backend_apis import BackendStatus, Piece, Timeouts, applied_speed, synthesize
 from .backend_http import BackendFailure
 from .speech_counters import SpeechCounters
-from .speech_fallback import CARTESIA, FELL_BACK_FAILED, cartesia_piece, fallback_reason
+from .fallback import FALLBACK_FAILED
+from .speech_fallback import CARTESIA, cartesia_piece, fallback_reason
 from .speech_output import SpeechOutput
 from .speech_plan import api_of
-from .speech_slots import NO_SLOT_QUEUE_TIMEOUT, Attempt, NoSlot, take_slot
+from .speech_slots import Attempt, NoSlot, take_slot
 
 log = logging.getLogger("lb")
 
@@ -204,8 +205,7 @@ class SpeechCallRun:
                                           why_none=self.fleet.why_no_backend)
             except NoSlot as exc:
                 reason = exc.reason + (f" (after {'; '.join(self.why)})" if self.why else "")
-                code = "queue_timeout" if exc.why == NO_SLOT_QUEUE_TIMEOUT else exc.why
-                state.error = SpeechFailure(503, reason, code, retry_after=True)
+                state.error = SpeechFailure(503, reason, exc.why, retry_after=True)
                 return fallback_reason(exc.why, cfg.cartesia.spillover)
             tried.add(backend.name)
             self.tried.append(backend.name)
@@ -246,4 +246,4 @@ class SpeechCallRun:
             if n + 1 < attempts:
                 state.error = None
                 await asyncio.sleep(cfg.retry.backoff_base * (2 ** n))
-        return FELL_BACK_FAILED
+        return FALLBACK_FAILED

@@ -15,13 +15,11 @@ from __future__ import annotations
 import asyncio
 
 from ..scheduling.backend import Backend
-from ..scheduling.scheduler import NO_BACKEND, QUEUE_FULL, Scheduler, Ticket
-
-NO_SLOT_QUEUE_TIMEOUT = "queue_timeout"
+from ..scheduling.scheduler import NO_BACKEND, QUEUE_FULL, QUEUE_TIMEOUT, Scheduler, Ticket
 
 
 class NoSlot(Exception):
-    """No backend took the piece: `why` is NO_BACKEND, QUEUE_FULL or queue_timeout."""
+    """No backend took the piece: `why` is NO_BACKEND, QUEUE_FULL or QUEUE_TIMEOUT."""
 
     def __init__(self, why: str, reason: str):
         super().__init__(reason)
@@ -65,7 +63,7 @@ async def take_slot(scheduler: Scheduler, exclude: frozenset[str], *, retry: boo
     except asyncio.TimeoutError:
         scheduler.cancel(result, timed_out=True)
         _give_back(future, scheduler)
-        raise NoSlot(NO_SLOT_QUEUE_TIMEOUT, f"every backend stayed at its concurrency limit "
+        raise NoSlot(QUEUE_TIMEOUT, f"every backend stayed at its concurrency limit "
                      f"for {queue_timeout:g}s (balancer.queue_timeout)") from None
     except BaseException:
         scheduler.cancel(result)

@@ -78,7 +78,7 @@ def _chatterbox(fields: dict) -> Synthesis:
     text = _text(fields.get("text"), "text", MAX_TEXT["chatterbox"])
     speed = _number(fields.get("speech_rate"), "speech_rate")
     parameters = {k: v for k, v in fields.items() if k not in ("text", "audio_prompt")}
-    return Synthesis("chatterbox", (text,), None, _clamp(speed), CHATTERBOX_JSON, parameters)
+    return Synthesis("chatterbox", (text,), None, clamp_speed(speed), CHATTERBOX_JSON, parameters)
 
 
 def _openai(path: str, fields: dict) -> Synthesis:
@@ -93,7 +93,7 @@ def _openai(path: str, fields: dict) -> Synthesis:
         shape = SSE
     else:
         shape = WAV
-    return Synthesis("openai", (text,), voice, _clamp(speed), shape, {})
+    return Synthesis("openai", (text,), voice, clamp_speed(speed), shape, {})
 
 
 _SPEED_PROMPT = re.compile(r"\[speed_(\d)\]")
@@ -113,7 +113,7 @@ def _chattts(fields: dict) -> Synthesis:
         match = _SPEED_PROMPT.search(str(params.get("prompt", "")))
         if match:
             speed = int(match.group(1)) / 5   # [speed_5] is ChatTTS's normal pace
-    return Synthesis("chattts", texts, voice, _clamp(speed), ZIP, {})
+    return Synthesis("chattts", texts, voice, clamp_speed(speed), ZIP, {})
 
 
 # --- the Cartesia side
@@ -196,7 +196,8 @@ def _number(value, name: str) -> float | None:
     return number
 
 
-def _clamp(speed: float | None) -> float | None:
+def clamp_speed(speed: float | None) -> float | None:
+    """A speed on Cartesia's scale (SPEED_MIN-SPEED_MAX), as sent to it."""
     if speed is None:
         return None
     return min(SPEED_MAX, max(SPEED_MIN, round(speed, 3)))
