@@ -32,6 +32,7 @@ from bench.callers import CALL_ERRORS, Call, HTTPConn, Load, call_error, summari
 from bench.fleet import (fleet_stats, recovery_timeout, reset_fleet, secs, start_fleet,
                          wait_ready)
 from bench.processes import HOST, BenchError, Service, Services
+from bench.report import fmt
 from bench.progress import Progress, Step
 from bench.proxies import lb_stats
 from bench.world import (BASE_EJECTION, CHARS_PER_SECOND, FIRST_BYTE, LOAD_TIME, MAX_EJECTION,
@@ -287,14 +288,10 @@ def bench_speech(args, services: Services, tmp: Path, configs: dict,
                "proxy_stats": proxy, "fleet_stats": fl}
         rows.append(row)
         c = row["calls"]
-        progress.end(f"{c['completed']} calls, first audio p50 {_fmt(c['ttfa_ms']['p50'])} ms, "
+        progress.end(f"{c['completed']} calls, first audio p50 {fmt(c['ttfa_ms']['p50'])} ms, "
                      f"{c['errors']} errors")
     progress.close()
     return rows
-
-
-def _fmt(v, spec: str = ".0f") -> str:
-    return "-" if v is None else format(v, spec)
 
 
 def format_speech(rows: list[dict]) -> str:
@@ -308,10 +305,10 @@ def format_speech(rows: list[dict]) -> str:
         c, tt, lat = r["calls"], r["calls"]["ttfa_ms"], r["calls"]["latency_ms"]
         lines.append(
             f"{r['text']:<6} {r['characters']:>5} {'on' if r['split'] else 'off':>5} "
-            f"{r['callers']:>7} {c['completed']:>5} {c['errors']:>6} {_fmt(r['pieces'], 'd'):>6} "
-            f"{_fmt(r['audio_s'], '.1f'):>7}  {_fmt(tt['p50']):>6} {_fmt(tt['p99']):>6}  "
-            f"{_fmt(lat['p50']):>6} {_fmt(lat['p99']):>6}  "
-            f"{_fmt(r['backend_crashes'], 'd'):>7} {_fmt(r['peak_gpu_in_flight'], 'd'):>4}")
+            f"{r['callers']:>7} {c['completed']:>5} {c['errors']:>6} {fmt(r['pieces'], 'd'):>6} "
+            f"{fmt(r['audio_s'], '.1f'):>7}  {fmt(tt['p50']):>6} {fmt(tt['p99']):>6}  "
+            f"{fmt(lat['p50']):>6} {fmt(lat['p99']):>6}  "
+            f"{fmt(r['backend_crashes'], 'd'):>7} {fmt(r['peak_gpu_in_flight'], 'd'):>4}")
     return "\n".join(lines)
 
 
@@ -335,12 +332,12 @@ def summary(rows: list[dict]) -> str:
     if not (on and off and son and soff):
         return "summary: some runs are missing"
     return (f"summary: splitting the {len(LONG_TEXT):,}-character text brought its first audio "
-            f"byte from {_fmt(off['ttfa_ms']['p50'])} to {_fmt(on['ttfa_ms']['p50'])} ms at "
-            f"p50 ({_fmt(q['ttfa_p50'], '.2f')}x; p99 {_fmt(q['ttfa_p99'], '.2f')}x) and the "
-            f"whole answer from {_fmt(off['latency_ms']['p50'])} to "
-            f"{_fmt(on['latency_ms']['p50'])} ms ({_fmt(q['latency_p50'], '.2f')}x); the "
+            f"byte from {fmt(off['ttfa_ms']['p50'])} to {fmt(on['ttfa_ms']['p50'])} ms at "
+            f"p50 ({fmt(q['ttfa_p50'], '.2f')}x; p99 {fmt(q['ttfa_p99'], '.2f')}x) and the "
+            f"whole answer from {fmt(off['latency_ms']['p50'])} to "
+            f"{fmt(on['latency_ms']['p50'])} ms ({fmt(q['latency_p50'], '.2f')}x); the "
             f"{len(SHORT_TEXT)}-character text (one piece either way): first audio "
-            f"{_fmt(son['ttfa_ms']['p50'])} vs {_fmt(soff['ttfa_ms']['p50'])} ms; errors "
+            f"{fmt(son['ttfa_ms']['p50'])} vs {fmt(soff['ttfa_ms']['p50'])} ms; errors "
             f"{sum(c['errors'] for c in by.values())}.")
 
 
@@ -371,9 +368,9 @@ def run(args, services: Services, tmp: Path, out_dir: Path, progress_holder: lis
     print()
     print(format_speech(rows))
     print()
-    print(f"long text, split on / split off: first audio byte p50 {_fmt(q['ttfa_p50'], '.3f')}x, "
-          f"p99 {_fmt(q['ttfa_p99'], '.3f')}x; total p50 {_fmt(q['latency_p50'], '.3f')}x, "
-          f"p99 {_fmt(q['latency_p99'], '.3f')}x")
+    print(f"long text, split on / split off: first audio byte p50 {fmt(q['ttfa_p50'], '.3f')}x, "
+          f"p99 {fmt(q['ttfa_p99'], '.3f')}x; total p50 {fmt(q['latency_p50'], '.3f')}x, "
+          f"p99 {fmt(q['latency_p99'], '.3f')}x")
     print(summary(rows))
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "mode": "api openai",

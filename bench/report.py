@@ -35,14 +35,15 @@ def write_results(path: Path, doc: dict, configs: dict[str, str]) -> None:
 def short_summary(row: dict) -> str:
     """One run in a line, for the progress output."""
     c, lat = row["calls"], row["calls"]["latency_ms"]
-    text = (f"{c['completed']} calls, p50 {_fmt(lat['p50'])} ms, p99 {_fmt(lat['p99'])} ms, "
+    text = (f"{c['completed']} calls, p50 {fmt(lat['p50'])} ms, p99 {fmt(lat['p99'])} ms, "
             f"{c['errors']} errors")
     if row.get("backend_crashes"):
         text += f", {row['backend_crashes']} crashes"
     return text
 
 
-def _fmt(v, spec: str = ".0f") -> str:
+def fmt(v, spec: str = ".0f") -> str:
+    """A figure for a table: "-" where there is none."""
     return "-" if v is None else format(v, spec)
 
 
@@ -63,11 +64,11 @@ def format_table(rows: list[dict]) -> str:
         extra = (c.get("extra_ms") or {}).get("p95")
         lines.append(
             f"{r['label'][:18]:<18} {r['concurrency']:>7} {c['completed']:>5} {c['errors']:>6}  "
-            f"{_fmt(lat['p50']):>6} {_fmt(lat['p95']):>6} {_fmt(lat['p99']):>6}  "
-            f"{_fmt(tt['p50']):>6} {_fmt(tt['p95']):>6} {_fmt(tt['p99']):>6}  "
-            f"{_fmt(extra):>5}  "
-            f"{_fmt(r['backend_crashes'], 'd'):>7} {_fmt(r['retries'], 'd'):>7} "
-            f"{_fmt(r['cartesia_calls'], 'd'):>8} {_fmt(r['peak_gpu_in_flight'], 'd'):>4}")
+            f"{fmt(lat['p50']):>6} {fmt(lat['p95']):>6} {fmt(lat['p99']):>6}  "
+            f"{fmt(tt['p50']):>6} {fmt(tt['p95']):>6} {fmt(tt['p99']):>6}  "
+            f"{fmt(extra):>5}  "
+            f"{fmt(r['backend_crashes'], 'd'):>7} {fmt(r['retries'], 'd'):>7} "
+            f"{fmt(r['cartesia_calls'], 'd'):>8} {fmt(r['peak_gpu_in_flight'], 'd'):>4}")
     return "\n".join(lines)
 
 
