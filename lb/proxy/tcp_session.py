@@ -22,13 +22,13 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Protocol
 
-from ..scheduling.scheduler import NO_BACKEND, QUEUE_FULL, Scheduler, Ticket
+from ..scheduling.scheduler import NO_BACKEND, QUEUE_FULL, QUEUE_TIMEOUT, Scheduler, Ticket
 from ..wire.splice import BACKEND_CLOSED, CLIENT_CLOSED, CLIENT_RESET, SHUTDOWN, Splice
 
 if TYPE_CHECKING:
     from ..scheduling.tcp_backend import TcpBackend
 
-QUEUE_TIMEOUT, CONNECT_FAILED = "queue_timeout", "connect_failed"
+CONNECT_FAILED = "connect_failed"
 WAITING, CONNECTING, JOINED, DONE = "waiting", "connecting", "joined", "done"
 
 
